@@ -1,0 +1,800 @@
+//! The kernel side of the agent: loads the embedded eBPF object, attaches it
+//! to a cgroup v2 directory, and gives typed access to its maps: flow
+//! counters, internal CIDRs, blocks, hard caps, events and stats.
+pub mod bpffs;
+pub mod events;
+pub mod preflight;
+
+use std::{
+    collections::HashSet,
+    fs::File,
+    net::IpAddr,
+    os::fd::{AsFd as _, BorrowedFd},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{
+        HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf,
+    },
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError},
+};
+use exfilguard_common::{
+    AddrKey, BlockCidrKey, BlockValue, CapConfig, CapUsage, FlowKey, FlowValue, Stat, map_names,
+    program_names,
+};
+
+use crate::{
+    cidr::{self, IpNet},
+    clock,
+};
+pub use events::{CapNotice, DnsDirection, DnsRecord, Event, EventError};
+
+/// The eBPF object, built by build.rs for the BPF target and embedded so the
+/// agent is one self-contained binary.
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/exfilguard-probes"));
+
+/// Default pin directory on bpffs.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/exfilguard";
+
+/// Every map the agent pins, with the key and value sizes this build expects
+/// (a pin left by another build with another layout must not be reused).
+const PINNED_MAPS: [(&str, usize, usize); 8] = [
+    (
+        map_names::FLOWS,
+        size_of::<FlowKey>(),
+        size_of::<FlowValue>(),
+    ),
+    (map_names::INTERNAL, 4 + size_of::<AddrKey>(), 1),
+    (map_names::BLOCKED_CGROUPS, 8, size_of::<BlockValue>()),
+    (map_names::BLOCKED_CIDRS, 4 + size_of::<BlockCidrKey>(), 1),
+    (map_names::CAP_CONFIG, 8, size_of::<CapConfig>()),
+    (map_names::CAP_USAGE, 8, size_of::<CapUsage>()),
+    (map_names::EVENTS, 0, 0),
+    (map_names::STATS, 4, 8),
+];
+
+/// Errors of the kernel side, each saying what is wrong and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    /// The kernel is too old.
+    #[error(
+        "kernel {release} is not supported: exfilguard needs Linux 5.8 or newer (cgroup BPF links, ring buffers)"
+    )]
+    UnsupportedKernel {
+        /// `uname -r`.
+        release: String,
+    },
+    /// No kernel BTF.
+    #[error(
+        "the kernel exposes no BTF (/sys/kernel/btf/vmlinux is missing): use a kernel built with CONFIG_DEBUG_INFO_BTF=y"
+    )]
+    MissingBtf,
+    /// Not a cgroup v2 directory.
+    #[error(
+        "{path} is not a cgroup v2 directory: point --cgroup at the cgroup2 mount (`/sys/fs/cgroup` on Kubernetes nodes, `findmnt -t cgroup2` shows it)"
+    )]
+    NotCgroup2 {
+        /// The configured path.
+        path: PathBuf,
+    },
+    /// Missing capabilities.
+    #[error(
+        "missing capabilities {missing}: run as root or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"
+    )]
+    MissingCapabilities {
+        /// Comma-separated capability names.
+        missing: String,
+    },
+    /// A pinned map from another build with another layout.
+    #[error(
+        "pinned map {path} has key/value size {found:?}, this agent expects {expected:?}: it was left by another version; run `exfilguard-agent cleanup` to remove the old pins"
+    )]
+    IncompatiblePin {
+        /// The pin.
+        path: PathBuf,
+        /// Key and value size found.
+        found: (u32, u32),
+        /// Key and value size expected.
+        expected: (u32, u32),
+    },
+    /// A file-system operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel refused the object (verifier, map creation).
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A program could not be loaded or attached.
+    #[error("{op} program {program}: {source}")]
+    Program {
+        /// load or attach.
+        op: &'static str,
+        /// Program name.
+        program: &'static str,
+        /// Why.
+        #[source]
+        source: ProgramError,
+    },
+    /// The object lacks a map or program this build expects.
+    #[error("the eBPF object has no {what} named {name}")]
+    Missing {
+        /// "map" or "program".
+        what: &'static str,
+        /// Its name.
+        name: &'static str,
+    },
+    /// A map operation failed.
+    #[error("{op} on map {map}: {source}")]
+    Map {
+        /// What was being done.
+        op: &'static str,
+        /// Which map.
+        map: &'static str,
+        /// Why.
+        #[source]
+        source: MapError,
+    },
+}
+
+impl DatapathError {
+    fn map(op: &'static str, map: &'static str) -> impl FnOnce(MapError) -> Self {
+        move |source| Self::Map { op, map, source }
+    }
+
+    fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.to_owned();
+        move |source| Self::Io { op, path, source }
+    }
+}
+
+/// Where to attach and whether to pin.
+#[derive(Clone, Debug)]
+pub struct DatapathConfig {
+    /// cgroup v2 directory the programs attach to (every cgroup below it is covered).
+    pub cgroup_path: PathBuf,
+    /// bpffs directory for pinned maps; `None` keeps nothing after exit.
+    pub pin_dir: Option<PathBuf>,
+}
+
+/// Identity of a flow: who sent to where.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowId {
+    /// Sending cgroup (inode of its cgroup v2 directory).
+    pub cgroup_id: u64,
+    /// Remote address.
+    pub remote: IpAddr,
+    /// Remote port (0 for protocols without ports).
+    pub port: u16,
+    /// IANA protocol number.
+    pub proto: u8,
+}
+
+/// Counters of one flow, summed over CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowCounters {
+    /// Bytes at IP level (IP + L4 headers + payload).
+    pub bytes: u64,
+    /// skbs (GSO super-packets count once).
+    pub packets: u64,
+    /// `CLOCK_BOOTTIME` ns of the first packet.
+    pub first_seen_ns: u64,
+    /// `CLOCK_BOOTTIME` ns of the latest packet.
+    pub last_seen_ns: u64,
+    /// Remote address outside every internal CIDR.
+    pub external: bool,
+}
+
+/// The kernel's global counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelStats {
+    /// Flows inserted into the flow map since it was created.
+    pub flows_inserted: u64,
+    /// Flow inserts the kernel refused.
+    pub flow_insert_errors: u64,
+    /// Events lost because the ring buffer was full.
+    pub ring_drops: u64,
+    /// Egress packets dropped by a block.
+    pub blocked_packets: u64,
+    /// Their bytes.
+    pub blocked_bytes: u64,
+    /// Egress packets dropped by a hard cap.
+    pub cap_dropped_packets: u64,
+    /// Their bytes.
+    pub cap_dropped_bytes: u64,
+    /// DNS payloads captured.
+    pub dns_events: u64,
+    /// Packets whose headers could not be read.
+    pub parse_errors: u64,
+    /// Ingress bytes, all cgroups.
+    pub ingress_bytes: u64,
+    /// Ingress packets, all cgroups.
+    pub ingress_packets: u64,
+}
+
+/// A cgroup's hard cap and what it has spent in the current window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CapStatus {
+    /// Bytes allowed per window.
+    pub budget_bytes: u64,
+    /// Window length.
+    pub window: Duration,
+    /// Bytes let through in the current window.
+    pub spent_bytes: u64,
+    /// Bytes dropped in the current window.
+    pub dropped_bytes: u64,
+    /// Packets dropped in the current window.
+    pub dropped_packets: u64,
+}
+
+/// Run time of one kernel program (needs `kernel.bpf_stats_enabled` or
+/// [`Datapath::enable_run_time_stats`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProgramRunStats {
+    /// Program name.
+    pub name: &'static str,
+    /// Total run time.
+    pub run_time: Duration,
+    /// Runs.
+    pub run_count: u64,
+}
+
+/// The loaded and attached programs and their maps. Dropping it detaches the
+/// programs; pinned maps stay.
+pub struct Datapath {
+    ebpf: Ebpf,
+    flows: PerCpuHashMap<MapData, FlowKey, FlowValue>,
+    internal: LpmTrie<MapData, AddrKey, u8>,
+    blocked_cgroups: HashMap<MapData, u64, BlockValue>,
+    blocked_cidrs: LpmTrie<MapData, BlockCidrKey, u8>,
+    cap_config: HashMap<MapData, u64, CapConfig>,
+    cap_usage: PerCpuHashMap<MapData, u64, CapUsage>,
+    events: RingBuf<MapData>,
+    stats: PerCpuArray<MapData, u64>,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    reused_pins: bool,
+    nr_cpus: usize,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DatapathError::Missing { what: "map", name })?;
+    T::try_from(map).map_err(DatapathError::map("open", name))
+}
+
+impl Datapath {
+    /// Checks the machine, loads the programs (reusing pinned maps when
+    /// present) and attaches them to `config.cgroup_path`. On any error
+    /// nothing stays attached.
+    pub fn load(config: &DatapathConfig) -> Result<Self, DatapathError> {
+        let DatapathConfig {
+            cgroup_path,
+            pin_dir,
+        } = config;
+        preflight::check(cgroup_path)?;
+
+        let mut loader = EbpfLoader::new();
+        let mut reused_pins = false;
+        let pin_paths: Vec<(&'static str, PathBuf)>;
+        if let Some(dir) = pin_dir {
+            bpffs::ensure_pin_dir(dir)?;
+            pin_paths = PINNED_MAPS
+                .iter()
+                .map(|(name, _, _)| (*name, dir.join(name)))
+                .collect();
+            for ((name, key, value), (_, path)) in PINNED_MAPS.iter().zip(&pin_paths) {
+                reused_pins |= check_pin(path, *key, *value)?;
+                loader.map_pin_path(name, path.as_path());
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                tracing::warn!(error = %e, "kernel log records will not be forwarded");
+                None
+            }
+        };
+
+        let cgroup = File::open(cgroup_path).map_err(|source| DatapathError::Io {
+            op: "open",
+            path: cgroup_path.clone(),
+            source,
+        })?;
+        for (name, attach_type) in [
+            (program_names::EGRESS, CgroupSkbAttachType::Egress),
+            (program_names::INGRESS, CgroupSkbAttachType::Ingress),
+        ] {
+            let program: &mut CgroupSkb = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Missing {
+                    what: "program",
+                    name,
+                })?
+                .try_into()
+                .map_err(|source| DatapathError::Program {
+                    op: "find",
+                    program: name,
+                    source,
+                })?;
+            program.load().map_err(|source| DatapathError::Program {
+                op: "load",
+                program: name,
+                source,
+            })?;
+            // A BPF link takes no attach flags (the kernel answers EINVAL) and
+            // always runs beside other programs on the cgroup, a CNI's say.
+            program
+                .attach(&cgroup, attach_type, CgroupAttachMode::Single)
+                .map_err(|source| DatapathError::Program {
+                    op: "attach",
+                    program: name,
+                    source,
+                })?;
+        }
+
+        let nr_cpus = aya::util::nr_cpus().map_err(|(path, source)| DatapathError::Io {
+            op: "read",
+            path: PathBuf::from(path),
+            source,
+        })?;
+        let datapath = Self {
+            flows: take(&mut ebpf, map_names::FLOWS)?,
+            internal: take(&mut ebpf, map_names::INTERNAL)?,
+            blocked_cgroups: take(&mut ebpf, map_names::BLOCKED_CGROUPS)?,
+            blocked_cidrs: take(&mut ebpf, map_names::BLOCKED_CIDRS)?,
+            cap_config: take(&mut ebpf, map_names::CAP_CONFIG)?,
+            cap_usage: take(&mut ebpf, map_names::CAP_USAGE)?,
+            events: take(&mut ebpf, map_names::EVENTS)?,
+            stats: take(&mut ebpf, map_names::STATS)?,
+            ebpf,
+            logger,
+            reused_pins,
+            nr_cpus,
+        };
+        tracing::info!(
+            cgroup = %cgroup_path.display(),
+            pinned = ?pin_dir,
+            reused_pins,
+            "eBPF programs attached"
+        );
+        Ok(datapath)
+    }
+
+    /// Whether the maps were found pinned by an earlier run (counters,
+    /// blocks and caps carried over).
+    pub fn reused_pins(&self) -> bool {
+        self.reused_pins
+    }
+
+    /// Every flow in the map, counters summed over CPUs.
+    pub fn flows(&self) -> Result<Vec<(FlowId, FlowCounters)>, DatapathError> {
+        let mut out = Vec::new();
+        for entry in self.flows.iter() {
+            let (key, values) = entry.map_err(DatapathError::map("iterate", map_names::FLOWS))?;
+            out.push((flow_id(&key), sum_flow(&values)));
+        }
+        Ok(out)
+    }
+
+    /// Counters of one flow, if present.
+    pub fn flow(&self, id: &FlowId) -> Result<Option<FlowCounters>, DatapathError> {
+        let key = flow_key(id);
+        match self.flows.get(&key, 0) {
+            Ok(values) => Ok(Some(sum_flow(&values))),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(DatapathError::map("read", map_names::FLOWS)(e)),
+        }
+    }
+
+    /// The kernel's global counters.
+    pub fn stats(&self) -> Result<KernelStats, DatapathError> {
+        let mut v = [0u64; Stat::COUNT as usize];
+        for stat in Stat::ALL {
+            let per_cpu = self
+                .stats
+                .get(&(stat as u32), 0)
+                .map_err(DatapathError::map("read", map_names::STATS))?;
+            v[stat as usize] = per_cpu.iter().sum();
+        }
+        Ok(KernelStats {
+            flows_inserted: v[Stat::FlowsInserted as usize],
+            flow_insert_errors: v[Stat::FlowInsertErrors as usize],
+            ring_drops: v[Stat::RingDrops as usize],
+            blocked_packets: v[Stat::BlockedPackets as usize],
+            blocked_bytes: v[Stat::BlockedBytes as usize],
+            cap_dropped_packets: v[Stat::CapDroppedPackets as usize],
+            cap_dropped_bytes: v[Stat::CapDroppedBytes as usize],
+            dns_events: v[Stat::DnsEvents as usize],
+            parse_errors: v[Stat::ParseErrors as usize],
+            ingress_bytes: v[Stat::IngressBytes as usize],
+            ingress_packets: v[Stat::IngressPackets as usize],
+        })
+    }
+
+    /// Replaces the internal CIDRs (cluster pod/service/node ranges and
+    /// allowlisted destinations); traffic to anything else is external.
+    pub fn set_internal_cidrs(&mut self, cidrs: &[IpNet]) -> Result<(), DatapathError> {
+        let wanted: HashSet<IpNet> = cidrs.iter().map(IpNet::trunc).collect();
+        let present: HashSet<IpNet> = self.internal_cidrs()?.into_iter().collect();
+        for net in present.difference(&wanted) {
+            self.internal
+                .remove(&cidr::internal_key(*net))
+                .map_err(DatapathError::map("remove", map_names::INTERNAL))?;
+        }
+        for net in wanted.difference(&present) {
+            self.internal
+                .insert(&cidr::internal_key(*net), 1, 0)
+                .map_err(DatapathError::map("insert", map_names::INTERNAL))?;
+        }
+        Ok(())
+    }
+
+    /// The internal CIDRs now in force.
+    pub fn internal_cidrs(&self) -> Result<Vec<IpNet>, DatapathError> {
+        let mut out = Vec::new();
+        for key in self.internal.keys() {
+            let key = key.map_err(DatapathError::map("iterate", map_names::INTERNAL))?;
+            out.extend(cidr::net_from_mapped(key.prefix_len(), key.data().addr));
+        }
+        Ok(out)
+    }
+
+    /// Drops every egress packet of `cgroup_id`, established connections too.
+    pub fn block_cgroup(&mut self, cgroup_id: u64) -> Result<(), DatapathError> {
+        let value = BlockValue {
+            since_ns: clock::boottime_ns(),
+        };
+        self.blocked_cgroups
+            .insert(cgroup_id, value, 0)
+            .map_err(DatapathError::map("insert", map_names::BLOCKED_CGROUPS))
+    }
+
+    /// Lifts a cgroup block; true if there was one.
+    pub fn unblock_cgroup(&mut self, cgroup_id: u64) -> Result<bool, DatapathError> {
+        match self.blocked_cgroups.remove(&cgroup_id) {
+            Ok(()) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(DatapathError::map("remove", map_names::BLOCKED_CGROUPS)(e)),
+        }
+    }
+
+    /// The blocked cgroups.
+    pub fn blocked_cgroups(&self) -> Result<Vec<u64>, DatapathError> {
+        self.blocked_cgroups
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(DatapathError::map("iterate", map_names::BLOCKED_CGROUPS))
+    }
+
+    /// Drops egress to `net` from one cgroup, or from every cgroup (`None`).
+    pub fn block_cidr(&mut self, cgroup_id: Option<u64>, net: IpNet) -> Result<(), DatapathError> {
+        self.blocked_cidrs
+            .insert(&cidr::block_key(cgroup_id, net), 1, 0)
+            .map_err(DatapathError::map("insert", map_names::BLOCKED_CIDRS))
+    }
+
+    /// Lifts a CIDR block; true if there was one.
+    pub fn unblock_cidr(
+        &mut self,
+        cgroup_id: Option<u64>,
+        net: IpNet,
+    ) -> Result<bool, DatapathError> {
+        match self.blocked_cidrs.remove(&cidr::block_key(cgroup_id, net)) {
+            Ok(()) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(DatapathError::map("remove", map_names::BLOCKED_CIDRS)(e)),
+        }
+    }
+
+    /// Sets (or replaces) a hard cap: at most `budget_bytes` of external
+    /// egress per `window`, counted from now. Spending starts from zero.
+    pub fn set_cap(
+        &mut self,
+        cgroup_id: u64,
+        budget_bytes: u64,
+        window: Duration,
+    ) -> Result<(), DatapathError> {
+        let generation = match self.cap_config.get(&cgroup_id, 0) {
+            Ok(old) => old.generation.wrapping_add(1),
+            Err(MapError::KeyNotFound) => 1,
+            Err(e) => return Err(DatapathError::map("read", map_names::CAP_CONFIG)(e)),
+        };
+        // A window of zero would disable the cap in the kernel; clamp to 1 ns.
+        let window_ns = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX).max(1);
+        let config = CapConfig {
+            budget_bytes,
+            window_ns,
+            epoch_ns: clock::boottime_ns(),
+            generation,
+        };
+        // Usage first, so the kernel never sees a config whose slots are stale.
+        let zero = CapUsage {
+            generation,
+            ..CapUsage::default()
+        };
+        let values = PerCpuValues::try_from(vec![zero; self.nr_cpus]).map_err(|source| {
+            DatapathError::Io {
+                op: "size per-CPU values",
+                path: PathBuf::from("/sys/devices/system/cpu/possible"),
+                source,
+            }
+        })?;
+        self.cap_usage
+            .insert(cgroup_id, values, 0)
+            .map_err(DatapathError::map("insert", map_names::CAP_USAGE))?;
+        self.cap_config
+            .insert(cgroup_id, config, 0)
+            .map_err(DatapathError::map("insert", map_names::CAP_CONFIG))
+    }
+
+    /// Removes a hard cap; true if there was one.
+    pub fn clear_cap(&mut self, cgroup_id: u64) -> Result<bool, DatapathError> {
+        let existed = match self.cap_config.remove(&cgroup_id) {
+            Ok(()) => true,
+            Err(MapError::KeyNotFound) => false,
+            Err(e) => return Err(DatapathError::map("remove", map_names::CAP_CONFIG)(e)),
+        };
+        match self.cap_usage.remove(&cgroup_id) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(existed),
+            Err(e) => Err(DatapathError::map("remove", map_names::CAP_USAGE)(e)),
+        }
+    }
+
+    /// A cgroup's cap and its spending in the current window.
+    pub fn cap_status(&self, cgroup_id: u64) -> Result<Option<CapStatus>, DatapathError> {
+        let config = match self.cap_config.get(&cgroup_id, 0) {
+            Ok(c) => c,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(DatapathError::map("read", map_names::CAP_CONFIG)(e)),
+        };
+        let window = clock::boottime_ns().saturating_sub(config.epoch_ns) / config.window_ns;
+        let mut status = CapStatus {
+            budget_bytes: config.budget_bytes,
+            window: Duration::from_nanos(config.window_ns),
+            spent_bytes: 0,
+            dropped_bytes: 0,
+            dropped_packets: 0,
+        };
+        match self.cap_usage.get(&cgroup_id, 0) {
+            Ok(values) => {
+                for u in values
+                    .iter()
+                    .filter(|u| u.window == window && u.generation == config.generation)
+                {
+                    status.spent_bytes += u.bytes;
+                    status.dropped_bytes += u.dropped_bytes;
+                    status.dropped_packets += u.dropped_packets;
+                }
+            }
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(DatapathError::map("read", map_names::CAP_USAGE)(e)),
+        }
+        Ok(Some(status))
+    }
+
+    /// Takes up to `max` records from the event ring buffer. A malformed
+    /// record is returned as an error and does not stop the others.
+    pub fn drain_events(&mut self, max: usize) -> Vec<Result<Event, EventError>> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(item) = self.events.next() else {
+                break;
+            };
+            out.push(events::parse(&item));
+        }
+        out
+    }
+
+    /// The event ring buffer's fd, to wait on with epoll / `AsyncFd`.
+    pub fn events_fd(&self) -> BorrowedFd<'_> {
+        self.events.as_fd()
+    }
+
+    /// The kernel log ring buffer's fd, if log forwarding is on.
+    pub fn log_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.logger.as_ref().map(|l| l.as_fd())
+    }
+
+    /// Forwards pending kernel log records to `tracing`.
+    pub fn flush_logs(&mut self) {
+        if let Some(logger) = &mut self.logger {
+            logger.flush();
+        }
+    }
+
+    /// Turns on the kernel's run-time accounting for BPF programs while the
+    /// returned fd is open.
+    pub fn enable_run_time_stats() -> Result<std::os::fd::OwnedFd, DatapathError> {
+        aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| DatapathError::Io {
+            op: "BPF_ENABLE_STATS",
+            path: PathBuf::from("bpf()"),
+            source: e.io_error,
+        })
+    }
+
+    /// Run time and run count of each program.
+    pub fn program_stats(&self) -> Result<Vec<ProgramRunStats>, DatapathError> {
+        let mut out = Vec::new();
+        for name in [program_names::EGRESS, program_names::INGRESS] {
+            let program = self.ebpf.program(name).ok_or(DatapathError::Missing {
+                what: "program",
+                name,
+            })?;
+            let info = program.info().map_err(|source| DatapathError::Program {
+                op: "query",
+                program: name,
+                source,
+            })?;
+            out.push(ProgramRunStats {
+                name,
+                run_time: info.run_time(),
+                run_count: info.run_count(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Number of flows now in the flow map; with [`KernelStats::flows_inserted`]
+    /// this gives the LRU evictions.
+    pub fn flow_count(&self) -> Result<u64, DatapathError> {
+        let mut n = 0;
+        for key in self.flows.keys() {
+            key.map_err(DatapathError::map("iterate", map_names::FLOWS))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+/// Returns true if `path` is an existing pin with the expected layout, false
+/// if there is none, and an error if it has another layout.
+fn check_pin(path: &Path, key: usize, value: usize) -> Result<bool, DatapathError> {
+    if !path.exists() {
+        return Ok(false);
+    }
+    let info = aya::maps::MapInfo::from_pin(path).map_err(|source| DatapathError::Map {
+        op: "inspect pin",
+        map: "pinned",
+        source,
+    })?;
+    // Ring buffers have no key or value; their size is fixed by the object.
+    if key == 0 && value == 0 {
+        return Ok(true);
+    }
+    let found = (info.key_size(), info.value_size());
+    let expected = (key as u32, value as u32);
+    if found != expected {
+        return Err(DatapathError::IncompatiblePin {
+            path: path.to_owned(),
+            found,
+            expected,
+        });
+    }
+    Ok(true)
+}
+
+fn flow_id(key: &FlowKey) -> FlowId {
+    FlowId {
+        cgroup_id: key.cgroup_id,
+        remote: cidr::addr_from_bytes(key.addr),
+        port: key.port,
+        proto: key.proto,
+    }
+}
+
+fn flow_key(id: &FlowId) -> FlowKey {
+    FlowKey {
+        cgroup_id: id.cgroup_id,
+        addr: cidr::addr_bytes(id.remote),
+        port: id.port,
+        proto: id.proto,
+        family: match id.remote {
+            IpAddr::V4(_) => exfilguard_common::Family::Inet as u8,
+            IpAddr::V6(_) => exfilguard_common::Family::Inet6 as u8,
+        },
+        _pad: [0; 4],
+    }
+}
+
+/// Sums per-CPU slots: bytes and packets add up; first-seen is the earliest
+/// non-zero stamp (a CPU that never saw the flow has zeros), last-seen the latest.
+fn sum_flow(values: &[FlowValue]) -> FlowCounters {
+    let mut c = FlowCounters {
+        bytes: 0,
+        packets: 0,
+        first_seen_ns: 0,
+        last_seen_ns: 0,
+        external: false,
+    };
+    for v in values {
+        c.bytes += v.bytes;
+        c.packets += v.packets;
+        if v.first_seen_ns != 0 && (c.first_seen_ns == 0 || v.first_seen_ns < c.first_seen_ns) {
+            c.first_seen_ns = v.first_seen_ns;
+        }
+        c.last_seen_ns = c.last_seen_ns.max(v.last_seen_ns);
+        c.external |= v.external != 0;
+    }
+    c
+}
+
+/// Inode number of a cgroup v2 directory: what `bpf_skb_cgroup_id` reports
+/// for sockets in it.
+pub fn cgroup_id(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).map(|m| m.ino())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_cpu_flow_values_sum() {
+        let v = [
+            FlowValue {
+                bytes: 100,
+                packets: 2,
+                first_seen_ns: 50,
+                last_seen_ns: 60,
+                external: 1,
+                _pad: [0; 7],
+            },
+            FlowValue::default(),
+            FlowValue {
+                bytes: 10,
+                packets: 1,
+                first_seen_ns: 40,
+                last_seen_ns: 45,
+                external: 1,
+                _pad: [0; 7],
+            },
+        ];
+        let c = sum_flow(&v);
+        assert_eq!((c.bytes, c.packets), (110, 3));
+        assert_eq!((c.first_seen_ns, c.last_seen_ns), (40, 60));
+        assert!(c.external);
+    }
+
+    #[test]
+    fn flow_key_round_trips() {
+        let id = FlowId {
+            cgroup_id: 7,
+            remote: "10.9.8.7".parse().unwrap(),
+            port: 443,
+            proto: exfilguard_common::proto::TCP,
+        };
+        let key = flow_key(&id);
+        assert_eq!(key.family, 4);
+        assert_eq!(flow_id(&key), id);
+        let id6 = FlowId {
+            remote: "fd00::7".parse().unwrap(),
+            ..id
+        };
+        assert_eq!(flow_key(&id6).family, 6);
+        assert_eq!(flow_id(&flow_key(&id6)), id6);
+    }
+
+    #[test]
+    fn the_object_is_embedded() {
+        // An ELF file for the BPF machine (EM_BPF = 247), not a host stub.
+        assert_eq!(&EBPF_OBJECT[..4], b"\x7fELF");
+        assert_eq!(u16::from_le_bytes([EBPF_OBJECT[18], EBPF_OBJECT[19]]), 247);
+    }
+}

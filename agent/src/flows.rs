@@ -1,0 +1,138 @@
+//! Turns snapshots of the kernel's cumulative flow counters into per-poll
+//! deltas, the unit the detectors consume.
+use std::collections::HashMap;
+
+use crate::datapath::{FlowCounters, FlowId};
+
+/// Bytes and packets of one flow since the previous poll.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowDelta {
+    /// The flow.
+    pub id: FlowId,
+    /// New bytes (IP level).
+    pub bytes: u64,
+    /// New packets.
+    pub packets: u64,
+    /// `CLOCK_BOOTTIME` ns of the latest packet.
+    pub last_seen_ns: u64,
+    /// Remote outside every internal CIDR.
+    pub external: bool,
+}
+
+/// Remembers the last totals per flow.
+#[derive(Debug, Default)]
+pub struct FlowTracker {
+    last: HashMap<FlowId, (u64, u64)>,
+}
+
+impl FlowTracker {
+    /// A tracker that reports everything in the first snapshot as new.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A tracker that treats `snapshot` as already reported (e.g. totals
+    /// saved by the previous run of the agent).
+    pub fn with_baseline(snapshot: &[(FlowId, FlowCounters)]) -> Self {
+        let mut t = Self::new();
+        t.update(snapshot);
+        t
+    }
+
+    /// Flows tracked.
+    pub fn len(&self) -> usize {
+        self.last.len()
+    }
+
+    /// True when no flow is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.last.is_empty()
+    }
+
+    /// Deltas since the previous snapshot. A flow whose totals went down was
+    /// evicted and re-created in the kernel: its current totals are all new.
+    /// Flows gone from the snapshot are forgotten.
+    pub fn update(&mut self, snapshot: &[(FlowId, FlowCounters)]) -> Vec<FlowDelta> {
+        let mut next = HashMap::with_capacity(snapshot.len());
+        let mut deltas = Vec::new();
+        for (id, c) in snapshot {
+            let (bytes, packets) = match self.last.get(id) {
+                Some(&(b, p)) if c.bytes >= b && c.packets >= p => (c.bytes - b, c.packets - p),
+                _ => (c.bytes, c.packets),
+            };
+            next.insert(*id, (c.bytes, c.packets));
+            if bytes > 0 || packets > 0 {
+                deltas.push(FlowDelta {
+                    id: *id,
+                    bytes,
+                    packets,
+                    last_seen_ns: c.last_seen_ns,
+                    external: c.external,
+                });
+            }
+        }
+        self.last = next;
+        deltas
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(port: u16) -> FlowId {
+        FlowId {
+            cgroup_id: 1,
+            remote: "192.0.2.1".parse().unwrap(),
+            port,
+            proto: 6,
+        }
+    }
+
+    fn c(bytes: u64, packets: u64) -> FlowCounters {
+        FlowCounters {
+            bytes,
+            packets,
+            first_seen_ns: 1,
+            last_seen_ns: 2,
+            external: true,
+        }
+    }
+
+    #[test]
+    fn deltas_between_polls() {
+        let mut t = FlowTracker::new();
+        let d = t.update(&[(id(1), c(100, 2))]);
+        assert_eq!((d[0].bytes, d[0].packets), (100, 2));
+        let d = t.update(&[(id(1), c(150, 3)), (id(2), c(10, 1))]);
+        assert_eq!(d.len(), 2);
+        assert_eq!((d[0].bytes, d[0].packets), (50, 1));
+        assert_eq!((d[1].bytes, d[1].packets), (10, 1));
+        // Nothing new: no deltas.
+        assert!(
+            t.update(&[(id(1), c(150, 3)), (id(2), c(10, 1))])
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn counter_reset_counts_from_zero() {
+        let mut t = FlowTracker::new();
+        t.update(&[(id(1), c(1000, 10))]);
+        // Evicted and re-created: 40 bytes are new, not -960.
+        let d = t.update(&[(id(1), c(40, 1))]);
+        assert_eq!((d[0].bytes, d[0].packets), (40, 1));
+    }
+
+    #[test]
+    fn baseline_is_not_reported_again() {
+        let mut t = FlowTracker::with_baseline(&[(id(1), c(500, 5))]);
+        let d = t.update(&[(id(1), c(600, 6))]);
+        assert_eq!(d[0].bytes, 100);
+        assert_eq!(t.len(), 1);
+        // A vanished flow is forgotten; if it comes back, all of it is new.
+        t.update(&[]);
+        assert!(t.is_empty());
+        assert_eq!(t.update(&[(id(1), c(600, 6))])[0].bytes, 600);
+    }
+}

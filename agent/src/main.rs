@@ -1,0 +1,190 @@
+//! `exfilguard-agent`: the node daemon.
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use exfilguard_agent::{
+    cidr::IpNet,
+    clock,
+    datapath::{self, Datapath, DatapathConfig, Event},
+    flows::FlowTracker,
+    telemetry,
+};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+};
+
+/// exfilguard node agent: counts egress per workload in the kernel, watches
+/// DNS, and blocks or caps what it is told to.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true, env = "EXFILGUARD_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Load and attach the programs, then poll counters and events until
+    /// SIGINT/SIGTERM.
+    Run(RunArgs),
+    /// Remove everything the agent pinned (maps, counters, blocks, caps).
+    Cleanup {
+        /// bpffs directory the agent pinned into.
+        #[arg(long, env = "EXFILGUARD_PIN_DIR", default_value = datapath::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// cgroup v2 directory to attach to: every cgroup below it is watched.
+    /// `/sys/fs/cgroup` on a Kubernetes node.
+    #[arg(long, env = "EXFILGUARD_CGROUP", default_value = "/sys/fs/cgroup")]
+    cgroup: PathBuf,
+    /// bpffs directory for pinned maps, so counters, blocks and caps survive a
+    /// restart. Mounted if absent.
+    #[arg(long, env = "EXFILGUARD_PIN_DIR", default_value = datapath::DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Pin nothing: all state goes when the agent exits.
+    #[arg(long)]
+    no_pin: bool,
+    /// CIDRs inside the cluster (pod, service, node ranges); traffic to
+    /// anything else is external. Repeatable.
+    #[arg(long = "internal", value_name = "CIDR")]
+    internal: Vec<IpNet>,
+    /// How often counters are read.
+    #[arg(long, default_value = "1s", value_parser = humantime_secs)]
+    poll_interval: Duration,
+    /// Print flow deltas and DNS events as JSON lines on stdout.
+    #[arg(long)]
+    print: bool,
+}
+
+fn humantime_secs(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: f64 = num.parse().map_err(|_| format!("not a duration: {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("unknown unit in {s:?}: use ms, s or m")),
+    };
+    if !(secs > 0.0 && secs.is_finite()) {
+        return Err(format!("duration must be positive: {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init("info", cli.log_json);
+    match cli.command {
+        Command::Run(args) => run(args).await,
+        Command::Cleanup { pin_dir } => {
+            let removed = datapath::bpffs::remove_pins(&pin_dir)
+                .with_context(|| format!("removing pins under {}", pin_dir.display()))?;
+            tracing::info!(count = removed.len(), dir = %pin_dir.display(), "removed pins");
+            Ok(())
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let RunArgs {
+        cgroup,
+        pin_dir,
+        no_pin,
+        internal,
+        poll_interval,
+        print,
+    } = args;
+    let config = DatapathConfig {
+        cgroup_path: cgroup,
+        pin_dir: (!no_pin).then_some(pin_dir),
+    };
+    let mut dp = Datapath::load(&config)?;
+    dp.set_internal_cidrs(&internal)
+        .context("setting internal CIDRs")?;
+    let _run_time_stats = Datapath::enable_run_time_stats()
+        .inspect_err(|e| tracing::warn!(error = %e, "program run-time stats unavailable"))
+        .ok();
+
+    // After a restart on pinned maps, what is already counted was reported by
+    // the previous run (up to its last poll); start from there.
+    let mut tracker = if dp.reused_pins() {
+        FlowTracker::with_baseline(&dp.flows()?)
+    } else {
+        FlowTracker::new()
+    };
+
+    let events_fd = AsyncFd::with_interest(
+        dp.events_fd().try_clone_to_owned().context("dup ring fd")?,
+        Interest::READABLE,
+    )
+    .context("registering the ring buffer with the reactor")?;
+    let mut ticker = tokio::time::interval(poll_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = ticker.tick() => {
+                let snapshot = dp.flows()?;
+                let deltas = tracker.update(&snapshot);
+                if print {
+                    for d in &deltas {
+                        let line = serde_json::json!({"flow": {
+                            "cgroup_id": d.id.cgroup_id, "remote": d.id.remote, "port": d.id.port,
+                            "proto": d.id.proto, "bytes": d.bytes, "packets": d.packets,
+                            "external": d.external,
+                        }});
+                        println!("{line}");
+                    }
+                }
+                let stats = dp.stats()?;
+                tracing::debug!(flows = snapshot.len(), deltas = deltas.len(), ?stats, "poll");
+                dp.flush_logs();
+            }
+            guard = events_fd.readable() => {
+                let mut guard = guard.context("waiting on the ring buffer")?;
+                for ev in dp.drain_events(4096) {
+                    match ev {
+                        Ok(Event::Dns(r)) if print => {
+                            let at = clock::boot_to_wall(r.timestamp_ns)
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .unwrap_or_default();
+                            let line = serde_json::json!({"dns": {
+                                "cgroup_id": r.cgroup_id, "direction": format!("{:?}", r.direction),
+                                "tcp": r.tcp, "server": r.server.to_string(),
+                                "captured": r.payload.len(), "orig_len": r.orig_len,
+                                "unix_ms": at.as_millis() as u64,
+                            }});
+                            println!("{line}");
+                        }
+                        Ok(Event::Cap(c)) => tracing::warn!(
+                            cgroup_id = c.cgroup_id, budget = c.budget_bytes, spent = c.spent_bytes,
+                            "hard cap spent: external egress dropped until the window ends"
+                        ),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "malformed kernel event"),
+                    }
+                }
+                guard.clear_ready();
+            }
+        }
+    }
+    tracing::info!("shutting down: detaching programs");
+    drop(dp);
+    Ok(())
+}

@@ -1,0 +1,16 @@
+//! Logging set-up: `tracing` with an `EnvFilter`, text or JSON; `log` records
+//! (aya-log's kernel messages among them) are forwarded into it.
+use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+/// Installs the global subscriber. `RUST_LOG` overrides `default_filter`.
+pub fn init(default_filter: &str, json: bool) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let registry = tracing_subscriber::registry().with(filter);
+    // Errors only when a subscriber is already set (tests): keep that one.
+    let _ = if json {
+        registry.with(fmt::layer().json()).try_init()
+    } else {
+        registry.with(fmt::layer()).try_init()
+    };
+}

@@ -1,0 +1,1 @@
+//! exfilguard controller (see the gRPC/controller issue).

@@ -1,0 +1,1 @@
+//! exfilguard gRPC contract (see the gRPC/controller issue).
