@@ -69,6 +69,13 @@ pub fn exfilguard_ingress(ctx: SkBuffContext) -> i32 {
     ALLOW
 }
 
+/// Does nothing: the baseline the benchmark subtracts from the egress
+/// program's cost under BPF_PROG_TEST_RUN. Never attached.
+#[cgroup_skb]
+pub fn exfilguard_baseline(_ctx: SkBuffContext) -> i32 {
+    ALLOW
+}
+
 /// What the programs need to know about one packet.
 struct Packet {
     family: Family,

@@ -125,11 +125,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         FlowTracker::new()
     };
 
-    let events_fd = AsyncFd::with_interest(
-        dp.events_fd().try_clone_to_owned().context("dup ring fd")?,
-        Interest::READABLE,
-    )
-    .context("registering the ring buffer with the reactor")?;
+    let ring_fd = dp.events_fd().try_clone_to_owned().context("dup ring fd")?;
+    // SAFETY: AsyncFd owns `ring_fd` (a dup of the map's fd), so the fd stays
+    // open for as long as it is registered.
+    let events_fd = unsafe { AsyncFd::register_with_interest(ring_fd, Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("registering the ring buffer with the reactor: {e}"))?;
     let mut ticker = tokio::time::interval(poll_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;

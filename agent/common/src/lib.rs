@@ -37,6 +37,8 @@ pub mod program_names {
     pub const EGRESS: &str = "exfilguard_egress";
     /// `cgroup_skb/ingress`: DNS answers, ingress bytes.
     pub const INGRESS: &str = "exfilguard_ingress";
+    /// An empty `cgroup_skb` program, the benchmark's baseline; never attached.
+    pub const BASELINE: &str = "exfilguard_baseline";
 }
 
 /// Capacity of the flow map; least recently used flows are evicted past it.

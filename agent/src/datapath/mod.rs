@@ -19,7 +19,10 @@ use aya::{
     maps::{
         HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf,
     },
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError, TestRun as _,
+        TestRunOptions,
+    },
 };
 use exfilguard_common::{
     AddrKey, BlockCidrKey, BlockValue, CapConfig, CapUsage, FlowKey, FlowValue, Stat, map_names,
@@ -247,6 +250,15 @@ pub struct ProgramRunStats {
     pub run_time: Duration,
     /// Runs.
     pub run_count: u64,
+}
+
+/// Programs [`Datapath::test_run`] can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TestProgram {
+    /// The egress program, with its maps.
+    Egress,
+    /// An empty program: the cost of BPF_PROG_TEST_RUN itself.
+    Baseline,
 }
 
 /// The loaded and attached programs and their maps. Dropping it detaches the
@@ -648,6 +660,50 @@ impl Datapath {
             });
         }
         Ok(out)
+    }
+
+    /// Runs a program once per `repeat` on `packet` (an Ethernet frame; the
+    /// kernel strips the L2 header for cgroup programs) with
+    /// BPF_PROG_TEST_RUN, and returns the program's verdict and the kernel's
+    /// mean time per run. The egress program updates the real maps.
+    pub fn test_run(
+        &mut self,
+        program: TestProgram,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<aya::programs::TestRunResult, DatapathError> {
+        let name = match program {
+            TestProgram::Egress => program_names::EGRESS,
+            TestProgram::Baseline => program_names::BASELINE,
+        };
+        let prog: &mut CgroupSkb = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::Missing {
+                what: "program",
+                name,
+            })?
+            .try_into()
+            .map_err(|source| DatapathError::Program {
+                op: "find",
+                program: name,
+                source,
+            })?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|source| DatapathError::Program {
+                op: "load",
+                program: name,
+                source,
+            })?;
+        }
+        let mut opts = TestRunOptions::default();
+        opts.data_in = Some(packet);
+        opts.repeat = repeat;
+        prog.test_run(opts).map_err(|source| DatapathError::Program {
+            op: "test-run",
+            program: name,
+            source,
+        })
     }
 
     /// Number of flows now in the flow map; with [`KernelStats::flows_inserted`]
