@@ -32,7 +32,8 @@ enum Command {
     /// Load and attach the programs, then poll counters and events until
     /// SIGINT/SIGTERM.
     Run(RunArgs),
-    /// Remove everything the agent pinned (maps, counters, blocks, caps).
+    /// Detach the programs and remove everything the agent pinned (maps,
+    /// counters, blocks, caps, links).
     Cleanup {
         /// bpffs directory the agent pinned into.
         #[arg(long, env = "EXFILGUARD_PIN_DIR", default_value = datapath::DEFAULT_PIN_DIR)]
@@ -46,8 +47,9 @@ struct RunArgs {
     /// `/sys/fs/cgroup` on a Kubernetes node.
     #[arg(long, env = "EXFILGUARD_CGROUP", default_value = "/sys/fs/cgroup")]
     cgroup: PathBuf,
-    /// bpffs directory for pinned maps, so counters, blocks and caps survive a
-    /// restart. Mounted if absent.
+    /// bpffs directory for pinned maps and links: counters, blocks and caps
+    /// survive a restart, and stay enforced while the agent is down. bpffs is
+    /// mounted if absent.
     #[arg(long, env = "EXFILGUARD_PIN_DIR", default_value = datapath::DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
     /// Pin nothing: all state goes when the agent exits.
@@ -106,6 +108,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         poll_interval,
         print,
     } = args;
+    let pinned = !no_pin;
     let config = DatapathConfig {
         cgroup_path: cgroup,
         pin_dir: (!no_pin).then_some(pin_dir),
@@ -184,7 +187,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     }
-    tracing::info!("shutting down: detaching programs");
+    if pinned {
+        tracing::info!(
+            "shutting down; programs stay attached through their pinned links (`exfilguard-agent cleanup` detaches)"
+        );
+    } else {
+        tracing::info!("shutting down: detaching programs");
+    }
     drop(dp);
     Ok(())
 }

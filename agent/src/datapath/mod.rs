@@ -3,6 +3,7 @@
 //! counters, internal CIDRs, blocks, hard caps, events and stats.
 pub mod bpffs;
 pub mod events;
+mod links;
 pub mod preflight;
 
 use std::{
@@ -166,7 +167,7 @@ impl DatapathError {
 pub struct DatapathConfig {
     /// cgroup v2 directory the programs attach to (every cgroup below it is covered).
     pub cgroup_path: PathBuf,
-    /// bpffs directory for pinned maps; `None` keeps nothing after exit.
+    /// bpffs directory for pinned maps and links; `None` keeps nothing after exit.
     pub pin_dir: Option<PathBuf>,
 }
 
@@ -261,8 +262,10 @@ pub enum TestProgram {
     Baseline,
 }
 
-/// The loaded and attached programs and their maps. Dropping it detaches the
-/// programs; pinned maps stay.
+/// The loaded and attached programs and their maps. Without a pin directory,
+/// dropping it detaches the programs and frees the maps. With one, programs
+/// and maps stay in the kernel (enforcing and counting) until
+/// [`bpffs::remove_pins`] removes the pins.
 pub struct Datapath {
     ebpf: Ebpf,
     flows: PerCpuHashMap<MapData, FlowKey, FlowValue>,
@@ -328,6 +331,9 @@ impl Datapath {
             path: cgroup_path.clone(),
             source,
         })?;
+        let cgroup_id = cgroup_id(cgroup_path).map_err(DatapathError::io("stat", cgroup_path))?;
+        let mut reattached = false;
+        let mut created_links = Vec::new();
         for (name, attach_type) in [
             (program_names::EGRESS, CgroupSkbAttachType::Egress),
             (program_names::INGRESS, CgroupSkbAttachType::Ingress),
@@ -349,15 +355,38 @@ impl Datapath {
                 program: name,
                 source,
             })?;
-            // A BPF link takes no attach flags (the kernel answers EINVAL) and
-            // always runs beside other programs on the cgroup, a CNI's say.
-            program
-                .attach(&cgroup, attach_type, CgroupAttachMode::Single)
-                .map_err(|source| DatapathError::Program {
-                    op: "attach",
-                    program: name,
-                    source,
-                })?;
+            match pin_dir {
+                Some(dir) => {
+                    match links::attach_pinned(program, name, &cgroup, cgroup_id, attach_type, dir)
+                    {
+                        Ok(again) => {
+                            reattached |= again;
+                            if !again {
+                                created_links.push(links::pin_path(dir, name, cgroup_id));
+                            }
+                        }
+                        Err(e) => {
+                            // Leave nothing half-attached: unpinning detaches.
+                            for pin in &created_links {
+                                let _ = std::fs::remove_file(pin);
+                            }
+                            return Err(e);
+                        }
+                    }
+                }
+                // A BPF link takes no attach flags (the kernel answers EINVAL)
+                // and always runs beside other programs on the cgroup, a CNI's
+                // say. Owned by `ebpf`: detached when the Datapath is dropped.
+                None => {
+                    program
+                        .attach(&cgroup, attach_type, CgroupAttachMode::Single)
+                        .map_err(|source| DatapathError::Program {
+                            op: "attach",
+                            program: name,
+                            source,
+                        })?;
+                }
+            }
         }
 
         let nr_cpus = aya::util::nr_cpus().map_err(|(path, source)| DatapathError::Io {
@@ -383,6 +412,7 @@ impl Datapath {
             cgroup = %cgroup_path.display(),
             pinned = ?pin_dir,
             reused_pins,
+            reattached,
             "eBPF programs attached"
         );
         Ok(datapath)
@@ -699,11 +729,12 @@ impl Datapath {
         let mut opts = TestRunOptions::default();
         opts.data_in = Some(packet);
         opts.repeat = repeat;
-        prog.test_run(opts).map_err(|source| DatapathError::Program {
-            op: "test-run",
-            program: name,
-            source,
-        })
+        prog.test_run(opts)
+            .map_err(|source| DatapathError::Program {
+                op: "test-run",
+                program: name,
+                source,
+            })
     }
 
     /// Number of flows now in the flow map; with [`KernelStats::flows_inserted`]
