@@ -726,9 +726,11 @@ impl Datapath {
                 source,
             })?;
         }
-        let mut opts = TestRunOptions::default();
-        opts.data_in = Some(packet);
-        opts.repeat = repeat;
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            repeat,
+            ..TestRunOptions::default()
+        };
         prog.test_run(opts)
             .map_err(|source| DatapathError::Program {
                 op: "test-run",
