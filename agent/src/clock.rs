@@ -1,28 +1,34 @@
-//! The kernel programs stamp packets with `bpf_ktime_get_boot_ns`
-//! (`CLOCK_BOOTTIME`, which keeps counting through suspend); this converts
-//! those stamps to wall-clock time.
+//! The kernel programs stamp packets with the coarse monotonic clock
+//! (`bpf_ktime_get_coarse_ns`, i.e. `CLOCK_MONOTONIC_COARSE`); this reads the
+//! same clock in user space and converts its stamps to wall-clock time.
 use std::time::{Duration, SystemTime};
 
-/// Nanoseconds on `CLOCK_BOOTTIME` now.
-pub fn boottime_ns() -> u64 {
+fn read(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: ts is a valid out-pointer; CLOCK_BOOTTIME exists on every Linux the agent supports.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    // SAFETY: ts is a valid out-pointer and the clock ids below exist on
+    // every Linux the agent supports.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
     debug_assert_eq!(rc, 0);
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Wall-clock time of a `CLOCK_BOOTTIME` stamp.
-pub fn boot_to_wall(boot_ns: u64) -> SystemTime {
-    let now_boot = boottime_ns();
+/// Now, on the clock the kernel programs stamp with (ns).
+pub fn kernel_now_ns() -> u64 {
+    read(libc::CLOCK_MONOTONIC_COARSE)
+}
+
+/// Wall-clock time of a kernel stamp.
+pub fn kernel_to_wall(stamp_ns: u64) -> SystemTime {
+    // The fine clock, so the offset to wall time is exact to the tick.
+    let now_mono = read(libc::CLOCK_MONOTONIC);
     let now_wall = SystemTime::now();
-    if boot_ns <= now_boot {
-        now_wall - Duration::from_nanos(now_boot - boot_ns)
+    if stamp_ns <= now_mono {
+        now_wall - Duration::from_nanos(now_mono - stamp_ns)
     } else {
-        now_wall + Duration::from_nanos(boot_ns - now_boot)
+        now_wall + Duration::from_nanos(stamp_ns - now_mono)
     }
 }
 
@@ -31,12 +37,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn boottime_advances_and_converts_near_now() {
-        let a = boottime_ns();
-        let b = boottime_ns();
-        assert!(b >= a);
-        let wall = boot_to_wall(b);
-        let skew = SystemTime::now().duration_since(wall).unwrap_or_default();
+    fn stamps_advance_and_convert_near_now() {
+        let a = kernel_now_ns();
+        std::thread::sleep(Duration::from_millis(20));
+        let b = kernel_now_ns();
+        assert!(b > a, "coarse clock did not advance in 20 ms");
+        let skew = SystemTime::now()
+            .duration_since(kernel_to_wall(b))
+            .unwrap_or_default();
         assert!(skew < Duration::from_secs(1), "skew {skew:?}");
     }
 }

@@ -13,7 +13,7 @@ pub struct FlowDelta {
     pub bytes: u64,
     /// New packets.
     pub packets: u64,
-    /// `CLOCK_BOOTTIME` ns of the latest packet.
+    /// `CLOCK_MONOTONIC` ns of the latest packet.
     pub last_seen_ns: u64,
     /// Remote outside every internal CIDR.
     pub external: bool,

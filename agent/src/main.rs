@@ -164,7 +164,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 for ev in dp.drain_events(4096) {
                     match ev {
                         Ok(Event::Dns(r)) if print => {
-                            let at = clock::boot_to_wall(r.timestamp_ns)
+                            let at = clock::kernel_to_wall(r.timestamp_ns)
                                 .duration_since(std::time::UNIX_EPOCH)
                                 .unwrap_or_default();
                             let line = serde_json::json!({"dns": {

@@ -29,6 +29,8 @@ pub mod map_names {
     pub const EVENTS: &str = "EG_EVENTS";
     /// Global counters, indexed by [`crate::Stat`].
     pub const STATS: &str = "EG_STATS";
+    /// One `u64` of [`crate::active`] flags.
+    pub const ACTIVE: &str = "EG_ACTIVE";
 }
 
 /// Names of the kernel programs.
@@ -111,9 +113,9 @@ pub struct FlowValue {
     pub bytes: u64,
     /// skbs counted.
     pub packets: u64,
-    /// `bpf_ktime_get_boot_ns` of the first packet on this CPU.
+    /// the kernel's coarse monotonic clock, in ns, of the first packet on this CPU.
     pub first_seen_ns: u64,
-    /// `bpf_ktime_get_boot_ns` of the latest packet on this CPU.
+    /// the kernel's coarse monotonic clock, in ns, of the latest packet on this CPU.
     pub last_seen_ns: u64,
     /// 1 when the remote address is outside every internal CIDR.
     pub external: u8,
@@ -156,7 +158,7 @@ pub const V4_MAPPED_BITS: u32 = 96;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BlockValue {
-    /// When the block was set (`CLOCK_BOOTTIME` ns), for display.
+    /// When the block was set (`CLOCK_MONOTONIC` ns), for display.
     pub since_ns: u64,
 }
 const _: () = assert!(size_of::<BlockValue>() == 8);
@@ -170,7 +172,7 @@ pub struct CapConfig {
     pub budget_bytes: u64,
     /// Window length in ns; windows are aligned to `epoch_ns`.
     pub window_ns: u64,
-    /// `CLOCK_BOOTTIME` ns at which the first window starts.
+    /// `CLOCK_MONOTONIC` ns at which the first window starts.
     pub epoch_ns: u64,
     /// Bumped by user space on every change so stale per-CPU spending is
     /// ignored after a reset.
@@ -246,6 +248,21 @@ impl Stat {
     ];
 }
 
+/// Bits of the `EG_ACTIVE` word: which optional maps hold entries. The
+/// egress program skips the lookups of an empty map (an LPM trie lookup costs
+/// tens of ns even when empty); user space sets a bit after inserting the
+/// first entry and clears it after removing the last.
+pub mod active {
+    /// `EG_BLOCK_CG` has entries.
+    pub const BLOCKED_CGROUPS: u64 = 1 << 0;
+    /// `EG_BLOCK_NET` has entries.
+    pub const BLOCKED_CIDRS: u64 = 1 << 1;
+    /// `EG_CAP_CFG` has entries.
+    pub const CAPS: u64 = 1 << 2;
+    /// `EG_INTERNAL` has entries (without any, every remote is external).
+    pub const INTERNAL: u64 = 1 << 3;
+}
+
 /// Kind of record in the event ring buffer; the first byte of every record.
 pub mod event_kind {
     /// A [`crate::DnsEvent`].
@@ -281,7 +298,7 @@ pub struct DnsEventHeader {
     pub orig_len: u16,
     /// Sending or receiving cgroup.
     pub cgroup_id: u64,
-    /// `bpf_ktime_get_boot_ns` when the packet passed.
+    /// the kernel's coarse monotonic clock, in ns, when the packet passed.
     pub timestamp_ns: u64,
     /// Address of the DNS server (the packet's remote end), IPv4-mapped for IPv4.
     pub server: [u8; 16],
@@ -321,7 +338,7 @@ pub struct CapEvent {
     pub budget_bytes: u64,
     /// Bytes let through in the window, summed over CPUs when the event was sent.
     pub spent_bytes: u64,
-    /// `bpf_ktime_get_boot_ns` of the first dropped packet.
+    /// the kernel's coarse monotonic clock, in ns, of the first dropped packet.
     pub timestamp_ns: u64,
 }
 const _: () = assert!(size_of::<CapEvent>() == 48);

@@ -57,7 +57,7 @@ pub struct DnsRecord {
     pub tcp: bool,
     /// The cgroup that sent or received it.
     pub cgroup_id: u64,
-    /// `CLOCK_BOOTTIME` ns.
+    /// `CLOCK_MONOTONIC` ns.
     pub timestamp_ns: u64,
     /// The DNS server (remote end).
     pub server: SocketAddr,
@@ -88,7 +88,7 @@ pub struct CapNotice {
     pub budget_bytes: u64,
     /// Bytes let through in the window when the first packet was dropped.
     pub spent_bytes: u64,
-    /// `CLOCK_BOOTTIME` ns of that drop.
+    /// `CLOCK_MONOTONIC` ns of that drop.
     pub timestamp_ns: u64,
 }
 

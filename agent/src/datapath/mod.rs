@@ -18,7 +18,8 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf,
+        Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+        RingBuf,
     },
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError, TestRun as _,
@@ -26,8 +27,8 @@ use aya::{
     },
 };
 use exfilguard_common::{
-    AddrKey, BlockCidrKey, BlockValue, CapConfig, CapUsage, FlowKey, FlowValue, Stat, map_names,
-    program_names,
+    AddrKey, BlockCidrKey, BlockValue, CapConfig, CapUsage, FlowKey, FlowValue, Stat, active,
+    map_names, program_names,
 };
 
 use crate::{
@@ -46,7 +47,7 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/exfilguard";
 
 /// Every map the agent pins, with the key and value sizes this build expects
 /// (a pin left by another build with another layout must not be reused).
-const PINNED_MAPS: [(&str, usize, usize); 8] = [
+const PINNED_MAPS: [(&str, usize, usize); 9] = [
     (
         map_names::FLOWS,
         size_of::<FlowKey>(),
@@ -59,6 +60,7 @@ const PINNED_MAPS: [(&str, usize, usize); 8] = [
     (map_names::CAP_USAGE, 8, size_of::<CapUsage>()),
     (map_names::EVENTS, 0, 0),
     (map_names::STATS, 4, 8),
+    (map_names::ACTIVE, 4, 8),
 ];
 
 /// Errors of the kernel side, each saying what is wrong and what to do.
@@ -191,9 +193,9 @@ pub struct FlowCounters {
     pub bytes: u64,
     /// skbs (GSO super-packets count once).
     pub packets: u64,
-    /// `CLOCK_BOOTTIME` ns of the first packet.
+    /// `CLOCK_MONOTONIC` ns of the first packet.
     pub first_seen_ns: u64,
-    /// `CLOCK_BOOTTIME` ns of the latest packet.
+    /// `CLOCK_MONOTONIC` ns of the latest packet.
     pub last_seen_ns: u64,
     /// Remote address outside every internal CIDR.
     pub external: bool,
@@ -276,6 +278,7 @@ pub struct Datapath {
     cap_usage: PerCpuHashMap<MapData, u64, CapUsage>,
     events: RingBuf<MapData>,
     stats: PerCpuArray<MapData, u64>,
+    active: Array<MapData, u64>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     reused_pins: bool,
     nr_cpus: usize,
@@ -394,7 +397,7 @@ impl Datapath {
             path: PathBuf::from(path),
             source,
         })?;
-        let datapath = Self {
+        let mut datapath = Self {
             flows: take(&mut ebpf, map_names::FLOWS)?,
             internal: take(&mut ebpf, map_names::INTERNAL)?,
             blocked_cgroups: take(&mut ebpf, map_names::BLOCKED_CGROUPS)?,
@@ -403,11 +406,13 @@ impl Datapath {
             cap_usage: take(&mut ebpf, map_names::CAP_USAGE)?,
             events: take(&mut ebpf, map_names::EVENTS)?,
             stats: take(&mut ebpf, map_names::STATS)?,
+            active: take(&mut ebpf, map_names::ACTIVE)?,
             ebpf,
             logger,
             reused_pins,
             nr_cpus,
         };
+        datapath.refresh_active()?;
         tracing::info!(
             cgroup = %cgroup_path.display(),
             pinned = ?pin_dir,
@@ -416,6 +421,27 @@ impl Datapath {
             "eBPF programs attached"
         );
         Ok(datapath)
+    }
+
+    /// Tells the kernel which optional maps hold entries, so it skips the
+    /// lookups of empty ones. Called after every change to those maps.
+    fn refresh_active(&mut self) -> Result<(), DatapathError> {
+        let mut word = 0;
+        if self.blocked_cgroups.keys().next().is_some() {
+            word |= active::BLOCKED_CGROUPS;
+        }
+        if self.blocked_cidrs.keys().next().is_some() {
+            word |= active::BLOCKED_CIDRS;
+        }
+        if self.cap_config.keys().next().is_some() {
+            word |= active::CAPS;
+        }
+        if self.internal.keys().next().is_some() {
+            word |= active::INTERNAL;
+        }
+        self.active
+            .set(0, word, 0)
+            .map_err(DatapathError::map("update", map_names::ACTIVE))
     }
 
     /// Whether the maps were found pinned by an earlier run (counters,
@@ -484,7 +510,7 @@ impl Datapath {
                 .insert(&cidr::internal_key(*net), 1, 0)
                 .map_err(DatapathError::map("insert", map_names::INTERNAL))?;
         }
-        Ok(())
+        self.refresh_active()
     }
 
     /// The internal CIDRs now in force.
@@ -500,20 +526,23 @@ impl Datapath {
     /// Drops every egress packet of `cgroup_id`, established connections too.
     pub fn block_cgroup(&mut self, cgroup_id: u64) -> Result<(), DatapathError> {
         let value = BlockValue {
-            since_ns: clock::boottime_ns(),
+            since_ns: clock::kernel_now_ns(),
         };
         self.blocked_cgroups
             .insert(cgroup_id, value, 0)
-            .map_err(DatapathError::map("insert", map_names::BLOCKED_CGROUPS))
+            .map_err(DatapathError::map("insert", map_names::BLOCKED_CGROUPS))?;
+        self.refresh_active()
     }
 
     /// Lifts a cgroup block; true if there was one.
     pub fn unblock_cgroup(&mut self, cgroup_id: u64) -> Result<bool, DatapathError> {
-        match self.blocked_cgroups.remove(&cgroup_id) {
-            Ok(()) => Ok(true),
-            Err(MapError::KeyNotFound) => Ok(false),
-            Err(e) => Err(DatapathError::map("remove", map_names::BLOCKED_CGROUPS)(e)),
-        }
+        let existed = match self.blocked_cgroups.remove(&cgroup_id) {
+            Ok(()) => true,
+            Err(MapError::KeyNotFound) => false,
+            Err(e) => return Err(DatapathError::map("remove", map_names::BLOCKED_CGROUPS)(e)),
+        };
+        self.refresh_active()?;
+        Ok(existed)
     }
 
     /// The blocked cgroups.
@@ -528,7 +557,8 @@ impl Datapath {
     pub fn block_cidr(&mut self, cgroup_id: Option<u64>, net: IpNet) -> Result<(), DatapathError> {
         self.blocked_cidrs
             .insert(&cidr::block_key(cgroup_id, net), 1, 0)
-            .map_err(DatapathError::map("insert", map_names::BLOCKED_CIDRS))
+            .map_err(DatapathError::map("insert", map_names::BLOCKED_CIDRS))?;
+        self.refresh_active()
     }
 
     /// Lifts a CIDR block; true if there was one.
@@ -537,11 +567,13 @@ impl Datapath {
         cgroup_id: Option<u64>,
         net: IpNet,
     ) -> Result<bool, DatapathError> {
-        match self.blocked_cidrs.remove(&cidr::block_key(cgroup_id, net)) {
-            Ok(()) => Ok(true),
-            Err(MapError::KeyNotFound) => Ok(false),
-            Err(e) => Err(DatapathError::map("remove", map_names::BLOCKED_CIDRS)(e)),
-        }
+        let existed = match self.blocked_cidrs.remove(&cidr::block_key(cgroup_id, net)) {
+            Ok(()) => true,
+            Err(MapError::KeyNotFound) => false,
+            Err(e) => return Err(DatapathError::map("remove", map_names::BLOCKED_CIDRS)(e)),
+        };
+        self.refresh_active()?;
+        Ok(existed)
     }
 
     /// Sets (or replaces) a hard cap: at most `budget_bytes` of external
@@ -562,7 +594,7 @@ impl Datapath {
         let config = CapConfig {
             budget_bytes,
             window_ns,
-            epoch_ns: clock::boottime_ns(),
+            epoch_ns: clock::kernel_now_ns(),
             generation,
         };
         // Usage first, so the kernel never sees a config whose slots are stale.
@@ -582,7 +614,8 @@ impl Datapath {
             .map_err(DatapathError::map("insert", map_names::CAP_USAGE))?;
         self.cap_config
             .insert(cgroup_id, config, 0)
-            .map_err(DatapathError::map("insert", map_names::CAP_CONFIG))
+            .map_err(DatapathError::map("insert", map_names::CAP_CONFIG))?;
+        self.refresh_active()
     }
 
     /// Removes a hard cap; true if there was one.
@@ -593,9 +626,11 @@ impl Datapath {
             Err(e) => return Err(DatapathError::map("remove", map_names::CAP_CONFIG)(e)),
         };
         match self.cap_usage.remove(&cgroup_id) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(existed),
-            Err(e) => Err(DatapathError::map("remove", map_names::CAP_USAGE)(e)),
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(DatapathError::map("remove", map_names::CAP_USAGE)(e)),
         }
+        self.refresh_active()?;
+        Ok(existed)
     }
 
     /// A cgroup's cap and its spending in the current window.
@@ -605,7 +640,7 @@ impl Datapath {
             Err(MapError::KeyNotFound) => return Ok(None),
             Err(e) => return Err(DatapathError::map("read", map_names::CAP_CONFIG)(e)),
         };
-        let window = clock::boottime_ns().saturating_sub(config.epoch_ns) / config.window_ns;
+        let window = clock::kernel_now_ns().saturating_sub(config.epoch_ns) / config.window_ns;
         let mut status = CapStatus {
             budget_bytes: config.budget_bytes,
             window: Duration::from_nanos(config.window_ns),
