@@ -465,7 +465,7 @@ impl Datapath {
         let key = flow_key(id);
         match self.flows.get(&key, 0) {
             Ok(values) => Ok(Some(sum_flow(&values))),
-            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) if not_found(&e) => Ok(None),
             Err(e) => Err(DatapathError::map("read", map_names::FLOWS)(e)),
         }
     }
@@ -538,7 +538,7 @@ impl Datapath {
     pub fn unblock_cgroup(&mut self, cgroup_id: u64) -> Result<bool, DatapathError> {
         let existed = match self.blocked_cgroups.remove(&cgroup_id) {
             Ok(()) => true,
-            Err(MapError::KeyNotFound) => false,
+            Err(e) if not_found(&e) => false,
             Err(e) => return Err(DatapathError::map("remove", map_names::BLOCKED_CGROUPS)(e)),
         };
         self.refresh_active()?;
@@ -569,7 +569,7 @@ impl Datapath {
     ) -> Result<bool, DatapathError> {
         let existed = match self.blocked_cidrs.remove(&cidr::block_key(cgroup_id, net)) {
             Ok(()) => true,
-            Err(MapError::KeyNotFound) => false,
+            Err(e) if not_found(&e) => false,
             Err(e) => return Err(DatapathError::map("remove", map_names::BLOCKED_CIDRS)(e)),
         };
         self.refresh_active()?;
@@ -586,7 +586,7 @@ impl Datapath {
     ) -> Result<(), DatapathError> {
         let generation = match self.cap_config.get(&cgroup_id, 0) {
             Ok(old) => old.generation.wrapping_add(1),
-            Err(MapError::KeyNotFound) => 1,
+            Err(e) if not_found(&e) => 1,
             Err(e) => return Err(DatapathError::map("read", map_names::CAP_CONFIG)(e)),
         };
         // A window of zero would disable the cap in the kernel; clamp to 1 ns.
@@ -622,11 +622,12 @@ impl Datapath {
     pub fn clear_cap(&mut self, cgroup_id: u64) -> Result<bool, DatapathError> {
         let existed = match self.cap_config.remove(&cgroup_id) {
             Ok(()) => true,
-            Err(MapError::KeyNotFound) => false,
+            Err(e) if not_found(&e) => false,
             Err(e) => return Err(DatapathError::map("remove", map_names::CAP_CONFIG)(e)),
         };
         match self.cap_usage.remove(&cgroup_id) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Ok(()) => {}
+            Err(e) if not_found(&e) => {}
             Err(e) => return Err(DatapathError::map("remove", map_names::CAP_USAGE)(e)),
         }
         self.refresh_active()?;
@@ -637,7 +638,7 @@ impl Datapath {
     pub fn cap_status(&self, cgroup_id: u64) -> Result<Option<CapStatus>, DatapathError> {
         let config = match self.cap_config.get(&cgroup_id, 0) {
             Ok(c) => c,
-            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(e) if not_found(&e) => return Ok(None),
             Err(e) => return Err(DatapathError::map("read", map_names::CAP_CONFIG)(e)),
         };
         let window = clock::kernel_now_ns().saturating_sub(config.epoch_ns) / config.window_ns;
@@ -659,7 +660,7 @@ impl Datapath {
                     status.dropped_packets += u.dropped_packets;
                 }
             }
-            Err(MapError::KeyNotFound) => {}
+            Err(e) if not_found(&e) => {}
             Err(e) => return Err(DatapathError::map("read", map_names::CAP_USAGE)(e)),
         }
         Ok(Some(status))
@@ -786,6 +787,16 @@ impl Datapath {
     }
 }
 
+/// aya reports a missing key as `KeyNotFound` from lookups but as a raw
+/// ENOENT from deletes; both mean "not there".
+fn not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(s) => s.io_error.kind() == std::io::ErrorKind::NotFound,
+        _ => false,
+    }
+}
+
 /// Returns true if `path` is an existing pin with the expected layout, false
 /// if there is none, and an error if it has another layout.
 fn check_pin(path: &Path, key: usize, value: usize) -> Result<bool, DatapathError> {
@@ -837,7 +848,9 @@ fn flow_key(id: &FlowId) -> FlowKey {
 }
 
 /// Sums per-CPU slots: bytes and packets add up; first-seen is the earliest
-/// non-zero stamp (a CPU that never saw the flow has zeros), last-seen the latest.
+/// non-zero stamp (a CPU that never saw the flow has zeros), last-seen the
+/// latest. Internal/external is what the CPU that saw the latest packet
+/// decided: another CPU's slot may predate a policy change (on a tie, external).
 fn sum_flow(values: &[FlowValue]) -> FlowCounters {
     let mut c = FlowCounters {
         bytes: 0,
@@ -852,8 +865,13 @@ fn sum_flow(values: &[FlowValue]) -> FlowCounters {
         if v.first_seen_ns != 0 && (c.first_seen_ns == 0 || v.first_seen_ns < c.first_seen_ns) {
             c.first_seen_ns = v.first_seen_ns;
         }
+        if v.packets > 0
+            && (v.last_seen_ns > c.last_seen_ns
+                || (v.last_seen_ns == c.last_seen_ns && v.external != 0))
+        {
+            c.external = v.external != 0;
+        }
         c.last_seen_ns = c.last_seen_ns.max(v.last_seen_ns);
-        c.external |= v.external != 0;
     }
     c
 }
@@ -897,6 +915,25 @@ mod tests {
     }
 
     #[test]
+    fn the_latest_packet_decides_internal_or_external() {
+        let slot = |last, external| FlowValue {
+            bytes: 1,
+            packets: 1,
+            first_seen_ns: 1,
+            last_seen_ns: last,
+            external,
+            _pad: [0; 7],
+        };
+        // CPU 0 saw it external before a policy change, CPU 1 internal after.
+        assert!(!sum_flow(&[slot(10, 1), slot(20, 0)]).external);
+        assert!(sum_flow(&[slot(20, 1), slot(10, 0)]).external);
+        // Same tick: count it as external.
+        assert!(sum_flow(&[slot(20, 0), slot(20, 1)]).external);
+        // An empty slot decides nothing.
+        assert!(sum_flow(&[slot(20, 1), FlowValue::default()]).external);
+    }
+
+    #[test]
     fn flow_key_round_trips() {
         let id = FlowId {
             cgroup_id: 7,
@@ -913,6 +950,21 @@ mod tests {
         };
         assert_eq!(flow_key(&id6).family, 6);
         assert_eq!(flow_id(&flow_key(&id6)), id6);
+    }
+
+    #[test]
+    fn missing_keys_are_recognised_in_both_shapes() {
+        assert!(not_found(&MapError::KeyNotFound));
+        let enoent = MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_delete_elem",
+            io_error: std::io::Error::from_raw_os_error(libc::ENOENT),
+        });
+        assert!(not_found(&enoent));
+        let eperm = MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_delete_elem",
+            io_error: std::io::Error::from_raw_os_error(libc::EPERM),
+        });
+        assert!(!not_found(&eperm));
     }
 
     #[test]
