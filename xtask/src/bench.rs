@@ -1,0 +1,145 @@
+//! `cargo xtask bench`: runs the benchmarks listed in [`BENCHMARKS`] and
+//! writes their measures to `target/bench/results.json`.
+use std::{fs, path::Path};
+
+use anyhow::Context as _;
+use serde::Serialize;
+
+use crate::cargo::BuildEnv;
+
+/// Where the results go, relative to the workspace root.
+const RESULTS_DIR: &str = "target/bench";
+
+/// One benchmark: a name, what it measures, and the function that runs it.
+pub struct Benchmark {
+    /// Short name, also the prefix of its measures' names.
+    pub name: &'static str,
+    /// What it measures, one line.
+    pub about: &'static str,
+    /// Runs it and returns its measures.
+    pub run: fn(&BuildEnv) -> anyhow::Result<Vec<Measure>>,
+}
+
+/// Every benchmark `cargo xtask bench` runs, in order. None is wired in yet:
+/// the kernel benchmark (overhead per packet, detection and containment
+/// latency) lands with its own issue.
+const BENCHMARKS: &[Benchmark] = &[];
+
+/// One measured figure and how it compares with its goal.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Measure {
+    /// What was measured, e.g. `egress.overhead_per_packet`.
+    pub name: String,
+    /// The measured value, in `unit`.
+    pub value: f64,
+    /// The unit of `value` and `goal`, e.g. `ns`.
+    pub unit: String,
+    /// The target, as a comparison in `unit`, e.g. `<= 1000`.
+    pub goal: String,
+    /// Whether `value` meets `goal`.
+    pub met: bool,
+}
+
+/// Shows BENCHMARKS.md, runs every benchmark, and writes the results.
+pub fn run(env: &BuildEnv, root: &Path) -> anyhow::Result<()> {
+    let dir = root.join(RESULTS_DIR);
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+
+    let table = root.join("BENCHMARKS.md");
+    match fs::read_to_string(&table) {
+        Ok(text) => println!("{}:\n\n{text}", table.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!("no BENCHMARKS.md yet");
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", table.display())),
+    }
+
+    if BENCHMARKS.is_empty() {
+        println!(
+            "no benchmark is wired into `cargo xtask bench` yet; the kernel benchmark \
+             lands with its own issue"
+        );
+        return Ok(());
+    }
+    let mut measures = Vec::new();
+    for Benchmark { name, about, run } in BENCHMARKS {
+        println!("==> {name}: {about}");
+        measures.extend(run(env).with_context(|| format!("benchmark {name}"))?);
+    }
+    for Measure {
+        name,
+        value,
+        unit,
+        goal,
+        met,
+    } in &measures
+    {
+        let verdict = if *met { "met" } else { "NOT MET" };
+        println!("{name:<40} {value:>12.3} {unit:<6} goal {goal:<12} {verdict}");
+    }
+    let results = dir.join("results.json");
+    write_results(&results, &measures)?;
+    println!("wrote {}", results.display());
+    Ok(())
+}
+
+/// Writes `measures` to `path` as a JSON array of
+/// `{name, value, unit, goal, met}` objects.
+pub fn write_results(path: &Path, measures: &[Measure]) -> anyhow::Result<()> {
+    let mut json = serde_json::to_string_pretty(measures).context("serialising measures")?;
+    json.push('\n');
+    fs::write(path, json).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use serde_json::{Value, json};
+
+    use super::{Measure, write_results};
+
+    #[test]
+    fn results_are_an_array_of_measures() {
+        let dir = std::env::temp_dir().join(format!("xtask-bench-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("results.json");
+        let measures = [
+            Measure {
+                name: "egress.overhead_per_packet".into(),
+                value: 812.5,
+                unit: "ns".into(),
+                goal: "<= 1000".into(),
+                met: true,
+            },
+            Measure {
+                name: "containment.latency".into(),
+                value: 1.4,
+                unit: "s".into(),
+                goal: "<= 1".into(),
+                met: false,
+            },
+        ];
+        write_results(&path, &measures).unwrap();
+        let written: Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            written,
+            json!([
+                {"name": "egress.overhead_per_packet", "value": 812.5, "unit": "ns", "goal": "<= 1000", "met": true},
+                {"name": "containment.latency", "value": 1.4, "unit": "s", "goal": "<= 1", "met": false},
+            ])
+        );
+    }
+
+    #[test]
+    fn no_measures_is_an_empty_array() {
+        let dir = std::env::temp_dir().join(format!("xtask-bench-empty-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("results.json");
+        write_results(&path, &[]).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(text, "[]\n");
+    }
+}
