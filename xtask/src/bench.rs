@@ -3,9 +3,9 @@
 use std::{fs, path::Path};
 
 use anyhow::Context as _;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::cargo::BuildEnv;
+use crate::{cargo::BuildEnv, process};
 
 /// Where the results go, relative to the workspace root.
 const RESULTS_DIR: &str = "target/bench";
@@ -20,13 +20,36 @@ pub struct Benchmark {
     pub run: fn(&BuildEnv) -> anyhow::Result<Vec<Measure>>,
 }
 
-/// Every benchmark `cargo xtask bench` runs, in order. None is wired in yet:
-/// the kernel benchmark (overhead per packet, detection and containment
-/// latency) lands with its own issue.
-const BENCHMARKS: &[Benchmark] = &[];
+/// Every benchmark `cargo xtask bench` runs, in order.
+const BENCHMARKS: &[Benchmark] = &[Benchmark {
+    name: "datapath",
+    about: "egress program cost per packet (BPF_PROG_TEST_RUN), live bpf_stats, \
+            TCP throughput attached vs detached (iperf3)",
+    run: datapath,
+}];
+
+/// Runs `tests/src/bin/datapath-bench.rs` (needs root) and reads its measures.
+fn datapath(env: &BuildEnv) -> anyhow::Result<Vec<Measure>> {
+    let out = Path::new(RESULTS_DIR).join("datapath.json");
+    let mut cmd = env.cargo([
+        "run",
+        "--release",
+        "--quiet",
+        "--package",
+        "exfilguard-tests",
+        "--bin",
+        "datapath-bench",
+        "--",
+        "--json",
+    ]);
+    cmd.arg(&out);
+    process::run(&mut cmd)?;
+    let text = fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", out.display()))
+}
 
 /// One measured figure and how it compares with its goal.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Measure {
     /// What was measured, e.g. `egress.overhead_per_packet`.
     pub name: String,
@@ -54,13 +77,6 @@ pub fn run(env: &BuildEnv, root: &Path) -> anyhow::Result<()> {
         Err(e) => return Err(e).with_context(|| format!("reading {}", table.display())),
     }
 
-    if BENCHMARKS.is_empty() {
-        println!(
-            "no benchmark is wired into `cargo xtask bench` yet; the kernel benchmark \
-             lands with its own issue"
-        );
-        return Ok(());
-    }
     let mut measures = Vec::new();
     for Benchmark { name, about, run } in BENCHMARKS {
         println!("==> {name}: {about}");
