@@ -651,3 +651,55 @@ fn a_path_that_is_not_cgroup2_is_a_clear_error_and_attaches_nothing() {
     assert!(matches!(err, DatapathError::NotCgroup2 { .. }), "{err}");
     assert!(err.to_string().contains("findmnt -t cgroup2"), "{err}");
 }
+
+/// Collects `log` records: aya-log hands kernel log records to the global
+/// `log` logger (which, in the agent, forwards into `tracing`).
+struct Capture(std::sync::Mutex<Vec<String>>);
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(record.args().to_string());
+    }
+    fn flush(&self) {}
+}
+
+static CAPTURE: Capture = Capture(std::sync::Mutex::new(Vec::new()));
+
+#[test]
+fn kernel_log_records_are_forwarded() {
+    if !kernel_test_guard(TOOLS) {
+        return;
+    }
+    // Before the load: the logger is bound when the datapath starts.
+    if log::set_logger(&CAPTURE).is_ok() {
+        log::set_max_level(log::LevelFilter::Trace);
+    }
+    let lab = Lab::new();
+    let cg = TestCgroup::new();
+    let mut dp = attach(&cg, None);
+    let dst = SocketAddr::new(lab.peer_addr(Family::V4), 9900);
+    let _sink = UdpSink::start(lab.peer(), dst);
+    dp.set_cap(cg.id(), 100, Duration::from_secs(600)).unwrap();
+    assert!(traffic::try_send_udp(lab.client(), &cg, dst, 1, 200).is_err());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let want = format!("hard cap of cgroup {} spent", cg.id());
+    loop {
+        dp.flush_logs();
+        let seen = CAPTURE.0.lock().unwrap().iter().any(|m| m.contains(&want));
+        if seen {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no kernel log record {want:?}; got {:?}",
+            CAPTURE.0.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
