@@ -18,6 +18,10 @@ pub const PACKAGES: &[&str] = &[
     "socat",
     "netcat-openbsd",
     "iperf3",
+    // tests/ traffic senders and receivers are small Python scripts run inside
+    // the namespaces; the machine's own Python may live outside the PATH
+    // `ip netns exec` passes on.
+    "python3",
     // tests/ and whoever debugs them: captures, and the programs, maps and
     // links the agent loaded.
     "tcpdump",
