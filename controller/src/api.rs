@@ -1,0 +1,284 @@
+//! `Incidents`: the security team's API. Reads need `viewer` or `responder`;
+//! acknowledge and release need `responder`. An agent certificate gets
+//! PERMISSION_DENIED on every call.
+
+use std::{pin::Pin, sync::Arc};
+
+use exfilguard_proto::v1::{
+    AcknowledgeIncidentRequest, GetIncidentRequest, GetReportRequest, Incident, IncidentEvent,
+    IncidentState, ListIncidentsRequest, ListIncidentsResponse, ListNodesRequest,
+    ListNodesResponse, ReleaseIncidentRequest, Report, ReportFormat, TopTalkersRequest,
+    TopTalkersResponse, WatchIncidentsRequest, incidents_server,
+};
+use tokio::sync::broadcast::error::RecvError;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    Error, Result,
+    auth::{self, AuthMode, Identity, Role},
+    hub::Hub,
+    report,
+    store::{Cursor, IncidentFilter, Store},
+    time::now_ms,
+};
+
+const READERS: &[Role] = &[Role::Viewer, Role::Responder];
+const RESPONDERS: &[Role] = &[Role::Responder];
+const MAX_ID: usize = 64;
+
+/// The Incidents service.
+pub struct IncidentsApi {
+    mode: AuthMode,
+    store: Arc<dyn Store>,
+    hub: Arc<Hub>,
+}
+
+impl IncidentsApi {
+    /// An API over `store`, watching through `hub`.
+    pub fn new(mode: AuthMode, store: Arc<dyn Store>, hub: Arc<Hub>) -> Self {
+        Self { mode, store, hub }
+    }
+
+    /// Runs a store call off the async runtime (SQLite blocks).
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Store) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(store.as_ref()))
+            .await
+            .map_err(|e| Error::Unavailable(format!("store task: {e}")))?
+    }
+}
+
+fn check_id(id: &str) -> Result<String> {
+    if id.is_empty() || id.len() > MAX_ID {
+        return Err(Error::InvalidArgument(format!(
+            "{id:?} is not an incident id"
+        )));
+    }
+    Ok(id.to_string())
+}
+
+fn actor(caller: &Option<Identity>) -> String {
+    match caller {
+        Some(id) => format!("{} ({})", id.name, id.role),
+        // --insecure: nobody is authenticated, and the timeline says so.
+        None => "unauthenticated (--insecure)".to_string(),
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<IncidentEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl incidents_server::Incidents for IncidentsApi {
+    async fn list_incidents(
+        &self,
+        request: Request<ListIncidentsRequest>,
+    ) -> Result<Response<ListIncidentsResponse>, Status> {
+        auth::require(self.mode, &request, READERS)?;
+        let r = request.into_inner();
+        let state = match IncidentState::try_from(r.state) {
+            Ok(IncidentState::Unspecified) => None,
+            Ok(s) => Some(s),
+            Err(_) => {
+                return Err(
+                    Error::InvalidArgument(format!("state: unknown value {}", r.state)).into(),
+                );
+            }
+        };
+        let after =
+            if r.page_token.is_empty() {
+                None
+            } else {
+                Some(Cursor::decode(&r.page_token).ok_or_else(|| {
+                    Error::InvalidArgument("page_token is not one we issued".into())
+                })?)
+            };
+        let filter = IncidentFilter {
+            state,
+            namespace: (!r.namespace.is_empty()).then_some(r.namespace),
+            since_ms: r.since_unix_ms,
+            limit: match r.page_size {
+                0 => 50,
+                n => n.min(500),
+            },
+            after,
+        };
+        let page = self.blocking(move |s| s.list_incidents(&filter)).await?;
+        Ok(Response::new(ListIncidentsResponse {
+            incidents: page.incidents,
+            next_page_token: page.next.map(|c| c.encode()).unwrap_or_default(),
+        }))
+    }
+
+    async fn get_incident(
+        &self,
+        request: Request<GetIncidentRequest>,
+    ) -> Result<Response<Incident>, Status> {
+        auth::require(self.mode, &request, READERS)?;
+        let id = check_id(&request.get_ref().id)?;
+        Ok(Response::new(
+            self.blocking(move |s| s.get_incident(&id)).await?,
+        ))
+    }
+
+    type WatchIncidentsStream = WatchStream;
+
+    async fn watch_incidents(
+        &self,
+        request: Request<WatchIncidentsRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        auth::require(self.mode, &request, READERS)?;
+        let namespace = request.into_inner().namespace;
+        let mut rx = self.hub.subscribe();
+        let (tx, out) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Ok(event) => {
+                        let ns = event
+                            .incident
+                            .as_ref()
+                            .and_then(|i| i.workload.as_ref())
+                            .map(|w| w.namespace.as_str());
+                        if !namespace.is_empty() && ns != Some(namespace.as_str()) {
+                            continue;
+                        }
+                        if tx.send(Ok(event)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(RecvError::Lagged(n)) => {
+                        // Tell the watcher instead of silently skipping; it can re-list.
+                        let _ = tx
+                            .send(Err(Status::data_loss(format!(
+                                "watcher fell behind and missed {n} events; list again"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        )))
+    }
+
+    async fn acknowledge_incident(
+        &self,
+        request: Request<AcknowledgeIncidentRequest>,
+    ) -> Result<Response<Incident>, Status> {
+        let caller = auth::require(self.mode, &request, RESPONDERS)?;
+        let r = request.into_inner();
+        let id = check_id(&r.id)?;
+        let note: String = r.note.chars().take(1024).collect();
+        let who = actor(&caller);
+        let incident = self
+            .blocking(move |s| s.acknowledge(&id, &who, &note, now_ms()))
+            .await?;
+        self.hub.apply(
+            self.store.as_ref(),
+            vec![crate::store::Effect::Incident {
+                kind: exfilguard_proto::v1::IncidentEventKind::StateChanged,
+                incident: Box::new(incident.clone()),
+            }],
+        );
+        Ok(Response::new(incident))
+    }
+
+    async fn release_incident(
+        &self,
+        request: Request<ReleaseIncidentRequest>,
+    ) -> Result<Response<Incident>, Status> {
+        let caller = auth::require(self.mode, &request, RESPONDERS)?;
+        let r = request.into_inner();
+        let id = check_id(&r.id)?;
+        let reason = r.reason.trim().chars().take(1024).collect::<String>();
+        if reason.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a release needs a reason (it goes into the timeline)".into(),
+            )
+            .into());
+        }
+        let who = actor(&caller);
+        let (incident, effects) = self
+            .blocking(move |s| s.release(&id, &who, &reason, now_ms()))
+            .await?;
+        let store = self.store.clone();
+        let hub = self.hub.clone();
+        // Delivering may write a timeline note (agent not connected): off the runtime.
+        tokio::task::spawn_blocking(move || hub.apply(store.as_ref(), effects))
+            .await
+            .map_err(|e| Status::internal(format!("hub task: {e}")))?;
+        Ok(Response::new(incident))
+    }
+
+    async fn get_report(
+        &self,
+        request: Request<GetReportRequest>,
+    ) -> Result<Response<Report>, Status> {
+        auth::require(self.mode, &request, READERS)?;
+        let r = request.into_inner();
+        let id = check_id(&r.id)?;
+        let format = ReportFormat::try_from(r.format)
+            .map_err(|_| Error::InvalidArgument(format!("format: unknown value {}", r.format)))?;
+        let incident = self.blocking(move |s| s.get_incident(&id)).await?;
+        let (format, content_type, content) = match format {
+            ReportFormat::Json => (
+                ReportFormat::Json,
+                "application/json",
+                report::render_json(&incident),
+            ),
+            ReportFormat::Markdown | ReportFormat::Unspecified => (
+                ReportFormat::Markdown,
+                "text/markdown",
+                report::render_markdown(&incident),
+            ),
+        };
+        Ok(Response::new(Report {
+            id: incident.id,
+            format: format as i32,
+            content_type: content_type.into(),
+            content,
+        }))
+    }
+
+    async fn top_talkers(
+        &self,
+        request: Request<TopTalkersRequest>,
+    ) -> Result<Response<TopTalkersResponse>, Status> {
+        auth::require(self.mode, &request, READERS)?;
+        let r = request.into_inner();
+        let window_ms = u64::from(if r.window_seconds == 0 {
+            3600
+        } else {
+            r.window_seconds
+        }) * 1000;
+        let limit = match r.limit {
+            0 => 10,
+            n => n.min(1000),
+        };
+        let since = now_ms().saturating_sub(window_ms);
+        let namespace = (!r.namespace.is_empty()).then_some(r.namespace);
+        let talkers = self
+            .blocking(move |s| s.top_talkers(since, limit, namespace.as_deref()))
+            .await?;
+        Ok(Response::new(TopTalkersResponse { talkers }))
+    }
+
+    async fn list_nodes(
+        &self,
+        request: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
+        auth::require(self.mode, &request, READERS)?;
+        let mut nodes = self.blocking(|s| s.list_nodes()).await?;
+        for n in &mut nodes {
+            n.connected = self.hub.is_connected(&n.name);
+        }
+        Ok(Response::new(ListNodesResponse { nodes }))
+    }
+}

@@ -1,0 +1,205 @@
+//! exfilguard controller daemon: `serve` the gRPC API, or make a development PKI with `certs`.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use exfilguard_controller::{
+    certs,
+    correlate::ResponsePolicy,
+    gateway::GatewayLimits,
+    server::{self, ServerConfig, TlsFiles},
+};
+use exfilguard_proto::v1::PolicyAction;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "exfilguard-controller",
+    version,
+    about = "exfilguard cluster controller"
+)]
+struct Cli {
+    /// Log as JSON lines.
+    #[arg(long, global = true, env = "EXFILGUARD_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve AgentGateway, Incidents, health and reflection.
+    Serve(Serve),
+    /// Write a development CA and controller, agent, viewer and responder certificates.
+    ///
+    /// Reuses DIR/ca.pem and DIR/ca-key.pem when present.
+    /// Example: exfilguard-controller certs --out ./pki --node node-a --node node-b
+    Certs {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// DNS names / IP addresses of the controller's certificate.
+        #[arg(long = "host", default_values = ["localhost", "127.0.0.1", "::1"])]
+        hosts: Vec<String>,
+        /// Nodes to issue agent certificates for (agent-<node>.pem).
+        #[arg(long = "node")]
+        nodes: Vec<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Action {
+    Alert,
+    Lockdown,
+    DryRun,
+}
+
+impl From<Action> for PolicyAction {
+    fn from(a: Action) -> Self {
+        match a {
+            Action::Alert => PolicyAction::Alert,
+            Action::Lockdown => PolicyAction::Lockdown,
+            Action::DryRun => PolicyAction::DryRun,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct Serve {
+    /// Address to listen on.
+    #[arg(long, env = "EXFILGUARD_LISTEN", default_value = "0.0.0.0:7443")]
+    listen: SocketAddr,
+    /// Write the bound address here once listening (useful with port 0).
+    #[arg(long)]
+    addr_file: Option<PathBuf>,
+    /// SQLite store.
+    #[arg(
+        long,
+        env = "EXFILGUARD_DB",
+        default_value = "/var/lib/exfilguard/controller.db"
+    )]
+    db: PathBuf,
+    /// Controller certificate (PEM).
+    #[arg(
+        long,
+        env = "EXFILGUARD_TLS_CERT",
+        required_unless_present = "insecure"
+    )]
+    cert: Option<PathBuf>,
+    /// Controller private key (PEM).
+    #[arg(long, env = "EXFILGUARD_TLS_KEY", required_unless_present = "insecure")]
+    key: Option<PathBuf>,
+    /// CA of agent and client certificates (PEM).
+    #[arg(
+        long,
+        env = "EXFILGUARD_CLIENT_CA",
+        required_unless_present = "insecure"
+    )]
+    client_ca: Option<PathBuf>,
+    /// Plain text, no authentication. For local experiments only.
+    #[arg(long, conflicts_with_all = ["cert", "key", "client_ca"])]
+    insecure: bool,
+    /// Largest gRPC message, bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    max_message_bytes: usize,
+    /// Most agent streams at once.
+    #[arg(long, default_value_t = 10_000)]
+    max_agents: usize,
+    /// Most concurrent HTTP/2 streams per connection.
+    #[arg(long, default_value_t = 64)]
+    max_streams_per_connection: u32,
+    /// Response to critical detections.
+    #[arg(long, value_enum, default_value = "lockdown")]
+    critical_action: Action,
+    /// Response to high detections.
+    #[arg(long, value_enum, default_value = "alert")]
+    high_action: Action,
+}
+
+fn init_tracing(json: bool) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGTERM handler; stop with SIGINT");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+async fn serve(args: Serve) -> anyhow::Result<()> {
+    let tls = match (args.insecure, args.cert, args.key, args.client_ca) {
+        (true, ..) => None,
+        (false, Some(cert), Some(key), Some(client_ca)) => Some(TlsFiles {
+            cert,
+            key,
+            client_ca,
+        }),
+        _ => bail!("--cert, --key and --client-ca are required (or --insecure)"),
+    };
+    if let Some(parent) = args.db.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listen on {}", args.listen))?;
+    if let Some(path) = &args.addr_file {
+        let addr = listener.local_addr()?;
+        // Write then rename so a reader never sees half an address.
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, addr.to_string())
+            .with_context(|| format!("write {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display()))?;
+    }
+    let config = ServerConfig {
+        tls,
+        db: args.db,
+        limits: GatewayLimits {
+            max_message_bytes: args.max_message_bytes,
+            max_streams: args.max_agents,
+            ..Default::default()
+        },
+        max_streams_per_connection: args.max_streams_per_connection,
+        policy: ResponsePolicy {
+            critical: args.critical_action.into(),
+            high: args.high_action.into(),
+            low: PolicyAction::Alert,
+        },
+    };
+    server::serve(config, listener, shutdown_signal())
+        .await
+        .context("controller")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.log_json);
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Certs { out, hosts, nodes } => {
+            let pki = certs::write_dev_pki(&out, &hosts, &nodes).context("write certificates")?;
+            println!("wrote development PKI to {}", pki.dir.display());
+            Ok(())
+        }
+    }
+}

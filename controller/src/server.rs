@@ -1,0 +1,134 @@
+//! Wires the services to a listener: mTLS (or `--insecure`), limits, health
+//! and reflection, graceful shutdown.
+
+use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
+
+use exfilguard_proto::v1::{
+    agent_gateway_server::AgentGatewayServer, incidents_server::IncidentsServer,
+};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::{
+    Error, Result,
+    api::IncidentsApi,
+    auth::AuthMode,
+    correlate::ResponsePolicy,
+    gateway::{Gateway, GatewayLimits},
+    hub::Hub,
+    ingest::Ingestor,
+    store::{Store, sqlite::SqliteStore},
+};
+
+/// Certificate files for mutual TLS.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The controller's certificate (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// CA that signs agent and client certificates (PEM).
+    pub client_ca: PathBuf,
+}
+
+/// Everything the server needs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// TLS files; `None` only with `--insecure`.
+    pub tls: Option<TlsFiles>,
+    /// SQLite file.
+    pub db: PathBuf,
+    /// Gateway limits (message size, streams).
+    pub limits: GatewayLimits,
+    /// Most concurrent HTTP/2 streams per connection (one agent needs one).
+    pub max_streams_per_connection: u32,
+    /// Response policy.
+    pub policy: ResponsePolicy,
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    config: ServerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let mode = if config.tls.is_some() {
+        AuthMode::MutualTls
+    } else {
+        AuthMode::Insecure
+    };
+    let db = config.db.clone();
+    let store: Arc<dyn Store> = tokio::task::spawn_blocking(move || SqliteStore::open(&db))
+        .await
+        .map_err(|e| Error::Unavailable(format!("store task: {e}")))?
+        .map(Arc::new)?;
+    let hub = Hub::new(1024);
+    let ingestor = Ingestor::start(store.clone(), hub.clone(), config.policy, 16 * 1024)?;
+    let max_msg = config.limits.max_message_bytes;
+
+    let gateway = AgentGatewayServer::new(Gateway::new(
+        mode,
+        store.clone(),
+        hub.clone(),
+        ingestor,
+        config.limits,
+    ))
+    .max_decoding_message_size(max_msg)
+    .max_encoding_message_size(max_msg);
+    let incidents = IncidentsServer::new(IncidentsApi::new(mode, store, hub))
+        .max_decoding_message_size(max_msg)
+        .max_encoding_message_size(max_msg);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<AgentGatewayServer<Gateway>>().await;
+    health.set_serving::<IncidentsServer<IncidentsApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(exfilguard_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Unavailable(format!("reflection: {e}")))?;
+
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(Some(config.max_streams_per_connection))
+        .tcp_nodelay(true);
+    if let Some(tls) = &config.tls {
+        let identity = Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+        // Client certificates are optional at the TLS layer so that a caller
+        // without one reaches us and gets a clear UNAUTHENTICATED status (and
+        // health probes work); every exfilguard method requires one.
+        let tls_config = ServerTlsConfig::new()
+            .identity(identity)
+            .client_ca_root(Certificate::from_pem(read(&tls.client_ca)?))
+            .client_auth_optional(true);
+        builder = builder
+            .tls_config(tls_config)
+            .map_err(|e| Error::Certificate(format!("TLS configuration: {e}")))?;
+    } else {
+        tracing::warn!(
+            "--insecure: plain-text gRPC, no authentication; every caller may do everything"
+        );
+    }
+    let local = listener.local_addr().map_err(|source| Error::Io {
+        path: "listener".into(),
+        source,
+    })?;
+    tracing::info!(%local, tls = config.tls.is_some(), "controller listening");
+    builder
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(gateway)
+        .add_service(incidents)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(|e| Error::Unavailable(format!("server: {e}")))
+}

@@ -1,0 +1,175 @@
+//! The store interface: everything the controller keeps, behind one trait.
+//!
+//! This issue builds the embedded SQLite backend ([`sqlite::SqliteStore`]);
+//! the Kubernetes-API backend (ExfilIncident resources) implements the same
+//! trait later. Every write method is one transaction: when it returns `Ok`
+//! the change is durable, which is what lets the gateway acknowledge.
+
+pub mod sqlite;
+
+use exfilguard_proto::v1::{
+    Block, Detection, FlowReport, Incident, IncidentEventKind, IncidentState, Node, Talker, Unblock,
+};
+
+use crate::{Result, correlate::ResponsePolicy};
+
+/// What an agent said about itself in Hello.
+#[derive(Debug, Clone, Default)]
+pub struct AgentInfo {
+    /// Node name.
+    pub node: String,
+    /// Agent version.
+    pub agent_version: String,
+    /// Kernel release.
+    pub kernel_release: String,
+    /// Cumulative FlowReports its journal dropped.
+    pub dropped_flow_reports: u64,
+    /// Cumulative Detections its journal dropped.
+    pub dropped_detections: u64,
+}
+
+/// A stored message's content.
+#[derive(Debug, Clone)]
+pub enum Payload {
+    /// Per-workload egress aggregates.
+    Flow(FlowReport),
+    /// A detection (correlated into an incident).
+    Detection(Box<Detection>),
+}
+
+/// One sequenced agent message to store.
+#[derive(Debug, Clone)]
+pub struct Ingest {
+    /// Node it came from.
+    pub node: String,
+    /// Its per-agent sequence number (> 0).
+    pub seq: u64,
+    /// When the agent sent it (Unix ms).
+    pub sent_at_ms: u64,
+    /// When the controller received it (Unix ms).
+    pub received_ms: u64,
+    /// The content.
+    pub payload: Payload,
+}
+
+/// A consequence of a committed write, for the hub to fan out.
+#[derive(Debug, Clone)]
+pub enum Effect {
+    /// An incident changed.
+    Incident {
+        /// What kind of change.
+        kind: IncidentEventKind,
+        /// The incident after the change (with timeline).
+        incident: Box<Incident>,
+    },
+    /// Containment: send this Block to the node's agent.
+    Block {
+        /// The node.
+        node: String,
+        /// The command.
+        block: Box<Block>,
+    },
+    /// Release: send this Unblock to the node's agent.
+    Unblock {
+        /// The node.
+        node: String,
+        /// The command.
+        unblock: Unblock,
+    },
+}
+
+/// What happened to one ingested message.
+#[derive(Debug, Clone)]
+pub enum IngestOutcome {
+    /// Newly stored; these effects follow from it.
+    Stored(Vec<Effect>),
+    /// Its sequence number was already stored (a resend): nothing changed.
+    Duplicate,
+}
+
+/// Filters and paging for incident listings.
+#[derive(Debug, Clone, Default)]
+pub struct IncidentFilter {
+    /// Only this state.
+    pub state: Option<IncidentState>,
+    /// Only this namespace.
+    pub namespace: Option<String>,
+    /// Only opened at or after (Unix ms).
+    pub since_ms: u64,
+    /// Page size (already clamped).
+    pub limit: u32,
+    /// Continue after this cursor (from a previous page).
+    pub after: Option<Cursor>,
+}
+
+/// Position in the newest-first incident order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    /// `opened_at` of the last incident on the previous page.
+    pub opened_ms: u64,
+    /// Its id (tie-break).
+    pub id: String,
+}
+
+impl Cursor {
+    /// Opaque page token.
+    pub fn encode(&self) -> String {
+        format!("{}:{}", self.opened_ms, self.id)
+    }
+
+    /// Parses a page token.
+    pub fn decode(token: &str) -> Option<Cursor> {
+        let (ms, id) = token.split_once(':')?;
+        Some(Cursor {
+            opened_ms: ms.parse().ok()?,
+            id: id.to_string(),
+        })
+    }
+}
+
+/// A page of incidents.
+#[derive(Debug, Clone, Default)]
+pub struct IncidentPage {
+    /// Incidents (no timeline, no evidence).
+    pub incidents: Vec<Incident>,
+    /// Cursor of the next page, if there is one.
+    pub next: Option<Cursor>,
+}
+
+/// Everything the controller persists.
+pub trait Store: Send + Sync {
+    /// Records a Hello; returns the highest sequence number stored for the node.
+    fn hello(&self, info: &AgentInfo, now_ms: u64) -> Result<u64>;
+    /// Stores a batch of agent messages in one transaction, de-duplicating by
+    /// (node, seq) and correlating detections into incidents.
+    fn ingest(&self, batch: &[Ingest], policy: &ResponsePolicy) -> Result<Vec<IngestOutcome>>;
+    /// Incidents, newest first.
+    fn list_incidents(&self, filter: &IncidentFilter) -> Result<IncidentPage>;
+    /// One incident with timeline and evidence.
+    fn get_incident(&self, id: &str) -> Result<Incident>;
+    /// A responder acknowledged the incident.
+    fn acknowledge(&self, id: &str, actor: &str, note: &str, now_ms: u64) -> Result<Incident>;
+    /// A responder released the incident: contained → released (with an Unblock
+    /// effect), open → resolved.
+    fn release(
+        &self,
+        id: &str,
+        actor: &str,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<(Incident, Vec<Effect>)>;
+    /// Appends a timeline entry without changing state (e.g. "Block applied by agent").
+    fn note(&self, id: &str, actor: &str, cause: &str, now_ms: u64) -> Result<()>;
+    /// Blocks that should be in force on `node` (contained incidents), to
+    /// re-send when its agent reconnects.
+    fn blocks_for(&self, node: &str) -> Result<Vec<Block>>;
+    /// External egress by workload since `since_ms`, largest first.
+    fn top_talkers(
+        &self,
+        since_ms: u64,
+        limit: u32,
+        namespace: Option<&str>,
+    ) -> Result<Vec<Talker>>;
+    /// Known agents (`connected` left false; the hub knows who is connected).
+    fn list_nodes(&self) -> Result<Vec<Node>>;
+}

@@ -1,0 +1,1002 @@
+//! Embedded SQLite backend: one file, WAL, `synchronous=FULL`, versioned
+//! migrations. A write returns only after its transaction committed, so an
+//! acknowledged message survives `kill -9` of the controller.
+//!
+//! Two connections: a writer (every write is serialised through it; the
+//! ingest batcher amortises the commit over many messages) and a reader, so
+//! queries from the security team never wait behind a commit's fsync (WAL
+//! readers see the last committed state).
+
+use std::{path::Path, sync::Mutex};
+
+use exfilguard_proto::v1::{
+    Block, Detection, EvidenceRecord, FlowReport, Incident, IncidentEventKind, IncidentState, Node,
+    PolicyAction, Severity, Talker, TimelineEntry, Unblock, Workload,
+};
+use prost::Message;
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use sha2::{Digest, Sha256};
+
+use super::{
+    AgentInfo, Cursor, Effect, IncidentFilter, IncidentPage, Ingest, IngestOutcome, Payload, Store,
+};
+use crate::{
+    Error, Result,
+    correlate::{ResponsePolicy, is_active, new_incident_id, workload_key},
+    json,
+};
+
+/// 72 hours, the GDPR Art. 33 notification window.
+const NOTIFICATION_WINDOW_MS: u64 = 72 * 3600 * 1000;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+/// Never edit a released one: append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: agents, incidents with timeline and evidence, egress aggregates.
+    r#"
+    CREATE TABLE agents (
+        node TEXT PRIMARY KEY,
+        agent_version TEXT NOT NULL,
+        kernel_release TEXT NOT NULL,
+        first_seen_ms INTEGER NOT NULL,
+        last_seen_ms INTEGER NOT NULL,
+        last_seq INTEGER NOT NULL DEFAULT 0,
+        lag_ms INTEGER NOT NULL DEFAULT 0,
+        dropped_flow_reports INTEGER NOT NULL DEFAULT 0,
+        dropped_detections INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE incidents (
+        id TEXT PRIMARY KEY,
+        workload_key TEXT NOT NULL,
+        node TEXT NOT NULL,
+        namespace TEXT NOT NULL,
+        workload BLOB NOT NULL,
+        state INTEGER NOT NULL,
+        severity INTEGER NOT NULL,
+        kind INTEGER NOT NULL,
+        action INTEGER NOT NULL,
+        opened_ms INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL,
+        detection_count INTEGER NOT NULL,
+        bytes_estimate INTEGER NOT NULL,
+        summary TEXT NOT NULL,
+        acknowledged_by TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX incidents_active ON incidents(workload_key) WHERE state IN (1, 2);
+    CREATE INDEX incidents_newest ON incidents(opened_ms DESC, id DESC);
+    CREATE TABLE timeline (
+        n INTEGER PRIMARY KEY AUTOINCREMENT,
+        incident_id TEXT NOT NULL REFERENCES incidents(id),
+        at_ms INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        cause TEXT NOT NULL,
+        state INTEGER NOT NULL
+    );
+    CREATE INDEX timeline_incident ON timeline(incident_id, n);
+    CREATE TABLE detections (
+        node TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        incident_id TEXT NOT NULL REFERENCES incidents(id),
+        detection_id TEXT NOT NULL,
+        json TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        stored_ms INTEGER NOT NULL,
+        PRIMARY KEY (node, seq)
+    );
+    CREATE INDEX detections_incident ON detections(incident_id);
+    CREATE TABLE egress (
+        node TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        window_end_ms INTEGER NOT NULL,
+        workload_key TEXT NOT NULL,
+        namespace TEXT NOT NULL,
+        workload BLOB NOT NULL,
+        external_bytes INTEGER NOT NULL,
+        internal_bytes INTEGER NOT NULL
+    );
+    CREATE INDEX egress_window ON egress(window_end_ms);
+    "#,
+];
+
+/// The SQLite store.
+pub struct SqliteStore {
+    writer: Mutex<Connection>,
+    reader: Mutex<Connection>,
+}
+
+fn open(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path).map_err(Error::store("open"))?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(Error::store("busy_timeout"))?;
+    // WAL: readers do not block the writer. FULL: a commit is on disk before
+    // it returns, which is the promise behind every Ack.
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(Error::store("journal_mode"))?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(Error::store("synchronous"))?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(Error::store("foreign_keys"))?;
+    Ok(conn)
+}
+
+/// Runs the migrations `conn` has not seen yet, each in its own transaction.
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let applied: usize = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(Error::store("read schema version"))?;
+    if applied > MIGRATIONS.len() {
+        return Err(Error::FailedPrecondition(format!(
+            "store schema version {applied} is newer than this controller knows ({}); refusing to touch it",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let tx = conn
+            .transaction()
+            .map_err(Error::store("begin migration"))?;
+        tx.execute_batch(sql).map_err(Error::store("migrate"))?;
+        tx.pragma_update(None, "user_version", i + 1)
+            .map_err(Error::store("set schema version"))?;
+        tx.commit().map_err(Error::store("commit migration"))?;
+        tracing::info!(version = i + 1, "store schema migrated");
+    }
+    Ok(())
+}
+
+fn not_found(id: &str) -> Error {
+    Error::NotFound {
+        kind: "incident",
+        id: id.to_string(),
+    }
+}
+
+const INCIDENT_COLUMNS: &str = "id, node, workload, state, severity, kind, action, opened_ms, updated_ms, \
+     detection_count, bytes_estimate, summary, acknowledged_by";
+
+fn incident_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Incident> {
+    let blob: Vec<u8> = row.get(2)?;
+    let opened: u64 = row.get(7)?;
+    Ok(Incident {
+        id: row.get(0)?,
+        node: row.get(1)?,
+        // Written by this store from a validated message; a decode failure
+        // means corruption, and an empty workload is the honest rendering.
+        workload: Workload::decode(blob.as_slice()).ok(),
+        state: row.get(3)?,
+        severity: row.get(4)?,
+        kind: row.get(5)?,
+        action: row.get(6)?,
+        opened_at_unix_ms: opened,
+        updated_at_unix_ms: row.get(8)?,
+        detection_count: row.get(9)?,
+        bytes_estimate: row.get(10)?,
+        summary: row.get(11)?,
+        acknowledged_by: row.get(12)?,
+        notification_deadline_unix_ms: opened + NOTIFICATION_WINDOW_MS,
+        timeline: Vec::new(),
+        evidence: Vec::new(),
+    })
+}
+
+fn load_incident(conn: &Connection, id: &str) -> Result<Option<Incident>> {
+    conn.query_row(
+        &format!("SELECT {INCIDENT_COLUMNS} FROM incidents WHERE id = ?1"),
+        [id],
+        incident_from_row,
+    )
+    .optional()
+    .map_err(Error::store("load incident"))
+}
+
+fn load_timeline(conn: &Connection, id: &str) -> Result<Vec<TimelineEntry>> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT at_ms, actor, cause, state FROM timeline WHERE incident_id = ?1 ORDER BY n",
+        )
+        .map_err(Error::store("timeline"))?;
+    let rows = stmt
+        .query_map([id], |r| {
+            Ok(TimelineEntry {
+                at_unix_ms: r.get(0)?,
+                actor: r.get(1)?,
+                cause: r.get(2)?,
+                state: r.get(3)?,
+            })
+        })
+        .map_err(Error::store("timeline"))?;
+    rows.collect::<rusqlite::Result<_>>()
+        .map_err(Error::store("timeline"))
+}
+
+fn load_evidence(conn: &Connection, id: &str) -> Result<Vec<EvidenceRecord>> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT detection_id, seq, json, sha256, stored_ms FROM detections WHERE incident_id = ?1 ORDER BY stored_ms, node, seq",
+        )
+        .map_err(Error::store("evidence"))?;
+    let rows = stmt
+        .query_map([id], |r| {
+            Ok(EvidenceRecord {
+                detection_id: r.get(0)?,
+                seq: r.get(1)?,
+                json: r.get(2)?,
+                sha256: r.get(3)?,
+                stored_at_unix_ms: r.get(4)?,
+            })
+        })
+        .map_err(Error::store("evidence"))?;
+    rows.collect::<rusqlite::Result<_>>()
+        .map_err(Error::store("evidence"))
+}
+
+fn with_timeline(conn: &Connection, mut incident: Incident) -> Result<Incident> {
+    incident.timeline = load_timeline(conn, &incident.id)?;
+    Ok(incident)
+}
+
+fn add_timeline(
+    tx: &Transaction<'_>,
+    id: &str,
+    at_ms: u64,
+    actor: &str,
+    cause: &str,
+    state: i32,
+) -> Result<()> {
+    tx.prepare_cached("INSERT INTO timeline (incident_id, at_ms, actor, cause, state) VALUES (?1, ?2, ?3, ?4, ?5)")
+        .and_then(|mut s| s.execute(params![id, at_ms, actor, cause, state]))
+        .map_err(Error::store("timeline entry"))?;
+    Ok(())
+}
+
+fn set_state(tx: &Transaction<'_>, id: &str, state: IncidentState, now_ms: u64) -> Result<()> {
+    tx.execute(
+        "UPDATE incidents SET state = ?2, updated_ms = ?3 WHERE id = ?1",
+        params![id, state as i32, now_ms],
+    )
+    .map_err(Error::store("set state"))?;
+    Ok(())
+}
+
+/// Applies the policy's action to an open incident; returns the Block to send, if any.
+fn respond(
+    tx: &Transaction<'_>,
+    incident: &str,
+    node: &str,
+    workload: &Workload,
+    action: PolicyAction,
+    now_ms: u64,
+) -> Result<Option<Effect>> {
+    let open = IncidentState::Open as i32;
+    match action {
+        PolicyAction::Lockdown if workload.cgroup_id != 0 => {
+            set_state(tx, incident, IncidentState::Contained, now_ms)?;
+            add_timeline(
+                tx,
+                incident,
+                now_ms,
+                "controller",
+                &format!(
+                    "lockdown: in-kernel Block of cgroup {} sent to the agent on {node}",
+                    workload.cgroup_id
+                ),
+                IncidentState::Contained as i32,
+            )?;
+            Ok(Some(Effect::Block {
+                node: node.to_string(),
+                block: Box::new(Block {
+                    incident_id: incident.to_string(),
+                    cgroup_id: workload.cgroup_id,
+                    workload: Some(workload.clone()),
+                    remote_cidrs: Vec::new(),
+                    reason: format!("incident {incident}: policy action lockdown"),
+                }),
+            }))
+        }
+        PolicyAction::Lockdown => {
+            add_timeline(
+                tx,
+                incident,
+                now_ms,
+                "controller",
+                "lockdown requested, but the agent reported no cgroup id for the workload: not contained",
+                open,
+            )?;
+            Ok(None)
+        }
+        PolicyAction::DryRun => {
+            add_timeline(
+                tx,
+                incident,
+                now_ms,
+                "controller",
+                "dry-run: lockdown would have blocked the workload's egress",
+                open,
+            )?;
+            Ok(None)
+        }
+        PolicyAction::Alert | PolicyAction::Unspecified => Ok(None),
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating if needed) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut writer = open(path)?;
+        migrate(&mut writer)?;
+        let reader = open(path)?;
+        Ok(Self {
+            writer: Mutex::new(writer),
+            reader: Mutex::new(reader),
+        })
+    }
+
+    fn writer(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
+        self.writer
+            .lock()
+            .map_err(|_| Error::Unavailable("store writer poisoned by an earlier panic".into()))
+    }
+
+    fn reader(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
+        self.reader
+            .lock()
+            .map_err(|_| Error::Unavailable("store reader poisoned by an earlier panic".into()))
+    }
+
+    fn store_flow(tx: &Transaction<'_>, msg: &Ingest, report: &FlowReport) -> Result<()> {
+        let mut stmt = tx
+            .prepare_cached(
+                "INSERT INTO egress (node, seq, window_end_ms, workload_key, namespace, workload, external_bytes, internal_bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .map_err(Error::store("egress"))?;
+        for w in &report.workloads {
+            let workload = w.workload.clone().unwrap_or_default();
+            stmt.execute(params![
+                msg.node,
+                msg.seq,
+                report.window_end_unix_ms,
+                workload_key(&msg.node, &workload),
+                workload.namespace,
+                workload.encode_to_vec(),
+                w.external_bytes,
+                w.internal_bytes
+            ])
+            .map_err(Error::store("egress"))?;
+        }
+        Ok(())
+    }
+
+    fn store_detection(
+        tx: &Transaction<'_>,
+        msg: &Ingest,
+        d: &Detection,
+        policy: &ResponsePolicy,
+    ) -> Result<Vec<Effect>> {
+        let now = msg.received_ms;
+        let workload = d.workload.clone().unwrap_or_default();
+        let key = workload_key(&msg.node, &workload);
+        let action = policy.action_for(d);
+        let active: Option<(String, i32)> = tx
+            .query_row(
+                "SELECT id, state FROM incidents WHERE workload_key = ?1 AND state IN (1, 2) ORDER BY opened_ms DESC LIMIT 1",
+                [&key],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(Error::store("find incident"))?;
+        let actor = format!("agent:{}", msg.node);
+        let cause = format!(
+            "detection {} ({}): {}",
+            d.detection_id,
+            json::kind(d.kind).as_str().unwrap_or("?"),
+            d.summary
+        );
+        let mut effects = Vec::new();
+        let (id, kind, state) = match active {
+            Some((id, state)) => {
+                tx.execute(
+                    "UPDATE incidents SET updated_ms = ?2, detection_count = detection_count + 1,
+                        bytes_estimate = bytes_estimate + ?3, severity = MAX(severity, ?4), summary = ?5
+                     WHERE id = ?1",
+                    params![id, now, d.bytes_estimate, d.severity, d.summary],
+                )
+                .map_err(Error::store("update incident"))?;
+                add_timeline(tx, &id, now, &actor, &cause, state)?;
+                (id, IncidentEventKind::Updated, state)
+            }
+            None => {
+                let mut rng = rand::rng();
+                let mut id = new_incident_id(now, &mut rng);
+                // Two incidents in the same second share the prefix; re-roll the suffix on a clash.
+                while load_incident(tx, &id)?.is_some() {
+                    id = new_incident_id(now, &mut rng);
+                }
+                tx.execute(
+                    "INSERT INTO incidents (id, workload_key, node, namespace, workload, state, severity, kind, action,
+                        opened_ms, updated_ms, detection_count, bytes_estimate, summary)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, 1, ?11, ?12)",
+                    params![
+                        id,
+                        key,
+                        msg.node,
+                        workload.namespace,
+                        workload.encode_to_vec(),
+                        IncidentState::Open as i32,
+                        d.severity,
+                        d.kind,
+                        action as i32,
+                        now,
+                        d.bytes_estimate,
+                        d.summary
+                    ],
+                )
+                .map_err(Error::store("insert incident"))?;
+                add_timeline(
+                    tx,
+                    &id,
+                    now,
+                    &actor,
+                    &format!("opened: {cause}"),
+                    IncidentState::Open as i32,
+                )?;
+                (id, IncidentEventKind::Opened, IncidentState::Open as i32)
+            }
+        };
+        // Containment follows the first detection that asks for it while the
+        // incident is still open; a contained incident is not re-contained.
+        if state == IncidentState::Open as i32
+            && let Some(effect) = respond(tx, &id, &msg.node, &workload, action, now)?
+        {
+            effects.push(effect);
+        }
+        let canonical = json::detection(&msg.node, msg.seq, d).to_string();
+        let sha = Sha256::digest(canonical.as_bytes());
+        let sha_hex: String = sha.iter().map(|b| format!("{b:02x}")).collect();
+        tx.prepare_cached(
+            "INSERT INTO detections (node, seq, incident_id, detection_id, json, sha256, stored_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )
+        .and_then(|mut s| s.execute(params![msg.node, msg.seq, id, d.detection_id, canonical, sha_hex, now]))
+        .map_err(Error::store("insert detection"))?;
+        let incident = load_incident(tx, &id)?.ok_or_else(|| not_found(&id))?;
+        effects.insert(
+            0,
+            Effect::Incident {
+                kind,
+                incident: Box::new(with_timeline(tx, incident)?),
+            },
+        );
+        Ok(effects)
+    }
+}
+
+impl Store for SqliteStore {
+    fn hello(&self, info: &AgentInfo, now_ms: u64) -> Result<u64> {
+        let conn = self.writer()?;
+        conn.execute(
+            "INSERT INTO agents (node, agent_version, kernel_release, first_seen_ms, last_seen_ms, dropped_flow_reports, dropped_detections)
+             VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6)
+             ON CONFLICT(node) DO UPDATE SET agent_version = ?2, kernel_release = ?3, last_seen_ms = ?4,
+                dropped_flow_reports = ?5, dropped_detections = ?6",
+            params![info.node, info.agent_version, info.kernel_release, now_ms, info.dropped_flow_reports, info.dropped_detections],
+        )
+        .map_err(Error::store("hello"))?;
+        conn.query_row(
+            "SELECT last_seq FROM agents WHERE node = ?1",
+            [&info.node],
+            |r| r.get(0),
+        )
+        .map_err(Error::store("hello"))
+    }
+
+    fn ingest(&self, batch: &[Ingest], policy: &ResponsePolicy) -> Result<Vec<IngestOutcome>> {
+        let mut conn = self.writer()?;
+        let tx = conn.transaction().map_err(Error::store("begin"))?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for msg in batch {
+            let last: Option<u64> = tx
+                .prepare_cached("SELECT last_seq FROM agents WHERE node = ?1")
+                .and_then(|mut s| s.query_row([&msg.node], |r| r.get(0)).optional())
+                .map_err(Error::store("last seq"))?;
+            let Some(last) = last else {
+                return Err(Error::FailedPrecondition(format!(
+                    "node {} has not said Hello",
+                    msg.node
+                )));
+            };
+            // Sequence numbers only grow per agent, so anything at or below the
+            // highest stored one is a resend of something already stored.
+            if msg.seq <= last {
+                outcomes.push(IngestOutcome::Duplicate);
+                continue;
+            }
+            let effects = match &msg.payload {
+                Payload::Flow(report) => {
+                    Self::store_flow(&tx, msg, report)?;
+                    Vec::new()
+                }
+                Payload::Detection(d) => Self::store_detection(&tx, msg, d, policy)?,
+            };
+            tx.prepare_cached(
+                "UPDATE agents SET last_seq = ?2, last_seen_ms = ?3, lag_ms = ?4 WHERE node = ?1",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    msg.node,
+                    msg.seq,
+                    msg.received_ms,
+                    msg.received_ms.saturating_sub(msg.sent_at_ms)
+                ])
+            })
+            .map_err(Error::store("advance seq"))?;
+            outcomes.push(IngestOutcome::Stored(effects));
+        }
+        tx.commit().map_err(Error::store("commit"))?;
+        Ok(outcomes)
+    }
+
+    fn list_incidents(&self, filter: &IncidentFilter) -> Result<IncidentPage> {
+        let conn = self.reader()?;
+        let mut sql = format!("SELECT {INCIDENT_COLUMNS} FROM incidents WHERE opened_ms >= ?1");
+        let mut args: Vec<rusqlite::types::Value> = vec![(filter.since_ms as i64).into()];
+        if let Some(state) = filter.state {
+            args.push((state as i64).into());
+            sql += &format!(" AND state = ?{}", args.len());
+        }
+        if let Some(ns) = &filter.namespace {
+            args.push(ns.clone().into());
+            sql += &format!(" AND namespace = ?{}", args.len());
+        }
+        if let Some(after) = &filter.after {
+            args.push((after.opened_ms as i64).into());
+            args.push(after.id.clone().into());
+            sql += &format!(
+                " AND (opened_ms, id) < (?{}, ?{})",
+                args.len() - 1,
+                args.len()
+            );
+        }
+        // One extra row tells whether there is a next page.
+        args.push((i64::from(filter.limit) + 1).into());
+        sql += &format!(" ORDER BY opened_ms DESC, id DESC LIMIT ?{}", args.len());
+        let mut stmt = conn.prepare(&sql).map_err(Error::store("list incidents"))?;
+        let mut incidents = stmt
+            .query_map(rusqlite::params_from_iter(args), incident_from_row)
+            .map_err(Error::store("list incidents"))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(Error::store("list incidents"))?;
+        let next = if incidents.len() > filter.limit as usize {
+            incidents.truncate(filter.limit as usize);
+            incidents.last().map(|i| Cursor {
+                opened_ms: i.opened_at_unix_ms,
+                id: i.id.clone(),
+            })
+        } else {
+            None
+        };
+        Ok(IncidentPage { incidents, next })
+    }
+
+    fn get_incident(&self, id: &str) -> Result<Incident> {
+        let conn = self.reader()?;
+        let incident = load_incident(&conn, id)?.ok_or_else(|| not_found(id))?;
+        let mut incident = with_timeline(&conn, incident)?;
+        incident.evidence = load_evidence(&conn, id)?;
+        Ok(incident)
+    }
+
+    fn acknowledge(&self, id: &str, actor: &str, note: &str, now_ms: u64) -> Result<Incident> {
+        let mut conn = self.writer()?;
+        let tx = conn.transaction().map_err(Error::store("begin"))?;
+        let incident = load_incident(&tx, id)?.ok_or_else(|| not_found(id))?;
+        if !is_active(incident.state) {
+            return Err(Error::FailedPrecondition(format!(
+                "incident {id} is {}; only open or contained incidents can be acknowledged",
+                json::state(incident.state).as_str().unwrap_or("closed")
+            )));
+        }
+        tx.execute(
+            "UPDATE incidents SET acknowledged_by = ?2, updated_ms = ?3 WHERE id = ?1",
+            params![id, actor, now_ms],
+        )
+        .map_err(Error::store("acknowledge"))?;
+        let cause = if note.is_empty() {
+            "acknowledged".to_string()
+        } else {
+            format!("acknowledged: {note}")
+        };
+        add_timeline(&tx, id, now_ms, actor, &cause, incident.state)?;
+        let incident = load_incident(&tx, id)?.ok_or_else(|| not_found(id))?;
+        let incident = with_timeline(&tx, incident)?;
+        tx.commit().map_err(Error::store("commit"))?;
+        Ok(incident)
+    }
+
+    fn release(
+        &self,
+        id: &str,
+        actor: &str,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<(Incident, Vec<Effect>)> {
+        let mut conn = self.writer()?;
+        let tx = conn.transaction().map_err(Error::store("begin"))?;
+        let incident = load_incident(&tx, id)?.ok_or_else(|| not_found(id))?;
+        let mut effects = Vec::new();
+        let to = match IncidentState::try_from(incident.state) {
+            Ok(IncidentState::Contained) => {
+                let cgroup_id = incident.workload.as_ref().map_or(0, |w| w.cgroup_id);
+                effects.push(Effect::Unblock {
+                    node: incident.node.clone(),
+                    unblock: Unblock {
+                        incident_id: id.to_string(),
+                        cgroup_id,
+                        reason: format!("released by {actor}: {reason}"),
+                    },
+                });
+                IncidentState::Released
+            }
+            Ok(IncidentState::Open) => IncidentState::Resolved,
+            _ => {
+                return Err(Error::FailedPrecondition(format!(
+                    "incident {id} is already {}",
+                    json::state(incident.state).as_str().unwrap_or("closed")
+                )));
+            }
+        };
+        set_state(&tx, id, to, now_ms)?;
+        let verb = if to == IncidentState::Released {
+            "released (Unblock sent to the agent)"
+        } else {
+            "resolved"
+        };
+        add_timeline(
+            &tx,
+            id,
+            now_ms,
+            actor,
+            &format!("{verb}: {reason}"),
+            to as i32,
+        )?;
+        let incident = load_incident(&tx, id)?.ok_or_else(|| not_found(id))?;
+        let incident = with_timeline(&tx, incident)?;
+        tx.commit().map_err(Error::store("commit"))?;
+        effects.insert(
+            0,
+            Effect::Incident {
+                kind: IncidentEventKind::StateChanged,
+                incident: Box::new(incident.clone()),
+            },
+        );
+        Ok((incident, effects))
+    }
+
+    fn note(&self, id: &str, actor: &str, cause: &str, now_ms: u64) -> Result<()> {
+        let mut conn = self.writer()?;
+        let tx = conn.transaction().map_err(Error::store("begin"))?;
+        let incident = load_incident(&tx, id)?.ok_or_else(|| not_found(id))?;
+        add_timeline(&tx, id, now_ms, actor, cause, incident.state)?;
+        tx.commit().map_err(Error::store("commit"))
+    }
+
+    fn blocks_for(&self, node: &str) -> Result<Vec<Block>> {
+        let conn = self.reader()?;
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT {INCIDENT_COLUMNS} FROM incidents WHERE node = ?1 AND state = ?2"
+            ))
+            .map_err(Error::store("blocks"))?;
+        let incidents = stmt
+            .query_map(
+                params![node, IncidentState::Contained as i32],
+                incident_from_row,
+            )
+            .map_err(Error::store("blocks"))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(Error::store("blocks"))?;
+        Ok(incidents
+            .into_iter()
+            .filter_map(|i| {
+                let w = i.workload?;
+                Some(Block {
+                    cgroup_id: w.cgroup_id,
+                    reason: format!("incident {} is contained (re-sent on reconnect)", i.id),
+                    incident_id: i.id,
+                    workload: Some(w),
+                    remote_cidrs: Vec::new(),
+                })
+            })
+            .collect())
+    }
+
+    fn top_talkers(
+        &self,
+        since_ms: u64,
+        limit: u32,
+        namespace: Option<&str>,
+    ) -> Result<Vec<Talker>> {
+        let conn = self.reader()?;
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT node, MAX(workload), SUM(external_bytes), SUM(internal_bytes) FROM egress
+                 WHERE window_end_ms >= ?1 AND (?2 IS NULL OR namespace = ?2)
+                 GROUP BY workload_key ORDER BY SUM(external_bytes) DESC LIMIT ?3",
+            )
+            .map_err(Error::store("top talkers"))?;
+        let rows = stmt
+            .query_map(params![since_ms, namespace, limit], |r| {
+                let blob: Vec<u8> = r.get(1)?;
+                Ok(Talker {
+                    node: r.get(0)?,
+                    workload: Workload::decode(blob.as_slice()).ok(),
+                    external_bytes: r.get(2)?,
+                    internal_bytes: r.get(3)?,
+                })
+            })
+            .map_err(Error::store("top talkers"))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(Error::store("top talkers"))
+    }
+
+    fn list_nodes(&self) -> Result<Vec<Node>> {
+        let conn = self.reader()?;
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT node, agent_version, kernel_release, last_seen_ms, last_seq, lag_ms, dropped_flow_reports, dropped_detections
+                 FROM agents ORDER BY node",
+            )
+            .map_err(Error::store("nodes"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(Node {
+                    name: r.get(0)?,
+                    agent_version: r.get(1)?,
+                    kernel_release: r.get(2)?,
+                    connected: false,
+                    last_seen_unix_ms: r.get(3)?,
+                    last_seq: r.get(4)?,
+                    lag_ms: r.get(5)?,
+                    dropped_flow_reports: r.get(6)?,
+                    dropped_detections: r.get(7)?,
+                })
+            })
+            .map_err(Error::store("nodes"))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(Error::store("nodes"))
+    }
+}
+
+/// Severity ordering used by `MAX(severity)` relies on the enum's numbers growing with badness.
+const _: () = assert!(
+    (Severity::Low as i32) < (Severity::High as i32)
+        && (Severity::High as i32) < (Severity::Critical as i32)
+);
+
+#[cfg(test)]
+mod tests {
+    use exfilguard_proto::v1::{DetectionKind, Evidence};
+
+    use super::*;
+
+    fn open_temp() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("c.db")).unwrap();
+        (dir, store)
+    }
+
+    fn hello(store: &SqliteStore, node: &str) -> u64 {
+        store
+            .hello(
+                &AgentInfo {
+                    node: node.into(),
+                    agent_version: "0.1.0".into(),
+                    ..Default::default()
+                },
+                1,
+            )
+            .unwrap()
+    }
+
+    fn detection(node: &str, seq: u64, pod: &str, severity: Severity, cgroup_id: u64) -> Ingest {
+        Ingest {
+            node: node.into(),
+            seq,
+            sent_at_ms: 1_000,
+            received_ms: 1_795_356_192_000 + seq,
+            payload: Payload::Detection(Box::new(Detection {
+                detection_id: format!("d{seq}"),
+                kind: DetectionKind::Volume as i32,
+                severity: severity as i32,
+                workload: Some(Workload {
+                    namespace: "shop".into(),
+                    pod: pod.into(),
+                    cgroup_id,
+                    ..Default::default()
+                }),
+                summary: format!("{seq} MB out"),
+                bytes_estimate: 100,
+                evidence: Some(Evidence {
+                    registered_domain: "evil.example".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn detections_correlate_into_one_incident_per_episode_and_dedupe() {
+        let (_dir, store) = open_temp();
+        assert_eq!(hello(&store, "n1"), 0);
+        let policy = ResponsePolicy::default();
+        let out = store
+            .ingest(
+                &[
+                    detection("n1", 1, "db-0", Severity::High, 7),
+                    detection("n1", 2, "db-0", Severity::High, 7),
+                ],
+                &policy,
+            )
+            .unwrap();
+        assert!(matches!(out[0], IngestOutcome::Stored(_)));
+        // Resend of both plus one new: two duplicates, one stored.
+        let out = store
+            .ingest(
+                &[
+                    detection("n1", 1, "db-0", Severity::High, 7),
+                    detection("n1", 2, "db-0", Severity::High, 7),
+                    detection("n1", 3, "web-1", Severity::High, 8),
+                ],
+                &policy,
+            )
+            .unwrap();
+        assert!(
+            matches!(out[0], IngestOutcome::Duplicate)
+                && matches!(out[1], IngestOutcome::Duplicate)
+        );
+        assert!(matches!(out[2], IngestOutcome::Stored(_)));
+        let page = store
+            .list_incidents(&IncidentFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(page.incidents.len(), 2);
+        let db = page
+            .incidents
+            .iter()
+            .find(|i| i.workload.as_ref().unwrap().pod == "db-0")
+            .unwrap();
+        assert_eq!(db.detection_count, 2);
+        let full = store.get_incident(&db.id).unwrap();
+        assert_eq!(full.evidence.len(), 2);
+        assert_eq!(full.evidence[0].sha256.len(), 64);
+        assert_eq!(hello(&store, "n1"), 3);
+    }
+
+    #[test]
+    fn critical_detection_contains_and_release_unblocks() {
+        let (_dir, store) = open_temp();
+        hello(&store, "n1");
+        let out = store
+            .ingest(
+                &[detection("n1", 1, "db-0", Severity::Critical, 42)],
+                &ResponsePolicy::default(),
+            )
+            .unwrap();
+        let IngestOutcome::Stored(effects) = &out[0] else {
+            panic!("not stored")
+        };
+        let block = effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::Block { node, block } => {
+                    Some((node.clone(), block.cgroup_id, block.incident_id.clone()))
+                }
+                _ => None,
+            })
+            .expect("a Block effect");
+        assert_eq!((block.0.as_str(), block.1), ("n1", 42));
+        let incident = store.get_incident(&block.2).unwrap();
+        assert_eq!(incident.state, IncidentState::Contained as i32);
+        assert_eq!(store.blocks_for("n1").unwrap().len(), 1);
+        let (released, effects) = store
+            .release(&block.2, "alice (responder)", "false positive", 5)
+            .unwrap();
+        assert_eq!(released.state, IncidentState::Released as i32);
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, Effect::Unblock { unblock, .. } if unblock.cgroup_id == 42))
+        );
+        assert!(store.blocks_for("n1").unwrap().is_empty());
+        let again = store.release(&block.2, "alice", "again", 6).unwrap_err();
+        assert!(matches!(again, Error::FailedPrecondition(_)), "{again}");
+        assert!(matches!(
+            store.get_incident("EXFIL-nope").unwrap_err(),
+            Error::NotFound { .. }
+        ));
+        // A new detection after release opens a new episode.
+        store
+            .ingest(
+                &[detection("n1", 2, "db-0", Severity::High, 42)],
+                &ResponsePolicy::default(),
+            )
+            .unwrap();
+        let page = store
+            .list_incidents(&IncidentFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(page.incidents.len(), 2);
+        let timeline = store.get_incident(&block.2).unwrap().timeline;
+        let causes: Vec<&str> = timeline.iter().map(|t| t.cause.as_str()).collect();
+        assert!(causes[0].starts_with("opened: detection d1"), "{causes:?}");
+        assert!(
+            causes.iter().any(|c| c.starts_with("lockdown:")),
+            "{causes:?}"
+        );
+        assert!(
+            causes.last().unwrap().contains("false positive"),
+            "{causes:?}"
+        );
+    }
+
+    #[test]
+    fn paging_and_reopen_keep_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            hello(&store, "n1");
+            let batch: Vec<Ingest> = (1..=7)
+                .map(|s| detection("n1", s, &format!("p{s}"), Severity::Low, 0))
+                .collect();
+            store.ingest(&batch, &ResponsePolicy::default()).unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store
+                .list_incidents(&IncidentFilter {
+                    limit: 3,
+                    after,
+                    ..Default::default()
+                })
+                .unwrap();
+            seen.extend(page.incidents.into_iter().map(|i| i.id));
+            match page.next {
+                Some(c) => after = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(seen.len(), 7);
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 7);
+        let filtered = store
+            .list_incidents(&IncidentFilter {
+                limit: 10,
+                namespace: Some("other".into()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(filtered.incidents.is_empty());
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        drop(SqliteStore::open(&path).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        assert!(matches!(
+            SqliteStore::open(&path),
+            Err(Error::FailedPrecondition(_))
+        ));
+    }
+}
