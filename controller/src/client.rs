@@ -71,9 +71,36 @@ pub async fn connect(config: &ClientConfig) -> Result<Channel> {
             .tls_config(tls)
             .map_err(|e| Error::Certificate(format!("TLS configuration: {e}")))?;
     }
-    ep.connect()
+    let channel = ep
+        .connect()
         .await
-        .map_err(|e| Error::Unavailable(explain_transport(&endpoint, &e)))
+        .map_err(|e| Error::Unavailable(explain_transport(&endpoint, &e)))?;
+    // With TLS 1.3 the server judges the client certificate after the client
+    // considers the handshake done, so a rejected certificate only shows on
+    // the first call, as a bare "cancelled" or "broken pipe". Probe with a
+    // health check (open to any verified caller) so the rejection is reported
+    // as what it is.
+    if config.cert.is_some() && !config.insecure {
+        let probe = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await;
+        if let Err(status) = probe
+            && matches!(
+                status.code(),
+                Code::Unknown | Code::Cancelled | Code::Unavailable
+            )
+        {
+            let detail = std::error::Error::source(&status)
+                .map(chain)
+                .unwrap_or_else(|| status.message().to_string());
+            return Err(Error::Unavailable(format!(
+                "certificate rejected by controller at {endpoint} (is your certificate signed by the controller's client CA?): {detail}"
+            )));
+        }
+    }
+    Ok(channel)
 }
 
 fn chain(err: &(dyn std::error::Error + 'static)) -> String {
@@ -125,6 +152,9 @@ pub fn explain_status(status: &Status) -> String {
             }
             text
         }
-        code => format!("{}: {}", code.description(), status.message()),
+        code => match std::error::Error::source(status) {
+            Some(src) => format!("{}: {}: {}", code.description(), status.message(), chain(src)),
+            None => format!("{}: {}", code.description(), status.message()),
+        },
     }
 }

@@ -333,33 +333,44 @@ async fn run_session(
     mut session: Session,
     mut inbound: Streaming<AgentMessage>,
     mut commands: CommandReceiver,
-    _registration: crate::hub::Registration,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    registration: crate::hub::Registration,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) {
-    loop {
+    let ending = loop {
         tokio::select! {
             msg = inbound.message() => match msg {
                 Ok(Some(msg)) => {
                     if let Err(e) = session.handle(msg).await {
                         tracing::warn!(node = %session.node, error = %e, "agent stream refused");
-                        let _ = session.out.send(Err(Status::from(e))).await;
-                        return;
+                        break Some(Status::from(e));
                     }
                 }
-                Ok(None) => return,
+                Ok(None) => break None,
                 Err(status) => {
                     let status = inbound_error(status);
-                    tracing::warn!(node = %session.node, %status, "agent stream failed");
-                    let _ = session.out.send(Err(status)).await;
-                    return;
+                    if status.code() == Code::InvalidArgument {
+                        tracing::warn!(node = %session.node, %status, "agent stream refused");
+                    } else {
+                        // The agent went away (restart, network): routine.
+                        tracing::info!(node = %session.node, status = %status.message(), "agent stream ended");
+                    }
+                    break Some(status);
                 }
             },
             Some(command) = commands.recv() => {
                 if !session.command(command).await {
-                    return;
+                    break None;
                 }
             }
         }
+    };
+    // Unregister before the agent hears the status, so a reconnect right
+    // after it is not refused as a second stream.
+    drop(commands);
+    drop(registration);
+    drop(permit);
+    if let Some(status) = ending {
+        let _ = session.out.send(Err(status)).await;
     }
 }
 

@@ -92,9 +92,20 @@ fn run(store: Arc<dyn Store>, hub: Arc<Hub>, policy: ResponsePolicy, mut rx: mps
             }
             Err(batch_err) => {
                 // One message must not fail the others: retry one by one so
-                // only the culprit gets the error.
+                // only the culprit gets the error. Once a node's message failed,
+                // its later ones in this batch fail too: storing them would
+                // raise the node's high-water mark past the failed one, which
+                // would then be taken for a duplicate when resent.
                 tracing::warn!(error = %batch_err, size = batch.len(), "batch failed; retrying messages one by one");
+                let mut failed_nodes = std::collections::HashSet::new();
                 for job in batch.drain(..) {
+                    if failed_nodes.contains(&job.msg.node) {
+                        let _ = job.reply.send(Err(Error::Unavailable(format!(
+                            "an earlier message of node {} failed to store; resend from there",
+                            job.msg.node
+                        ))));
+                        continue;
+                    }
                     let result =
                         store
                             .ingest(std::slice::from_ref(&job.msg), &policy)
@@ -105,6 +116,9 @@ fn run(store: Arc<dyn Store>, hub: Arc<Hub>, policy: ResponsePolicy, mut rx: mps
                                 }
                                 _ => Stored::Duplicate,
                             });
+                    if result.is_err() {
+                        failed_nodes.insert(job.msg.node.clone());
+                    }
                     let _ = job.reply.send(result);
                 }
             }
