@@ -7,4 +7,5 @@ pub mod cidr;
 pub mod clock;
 pub mod datapath;
 pub mod flows;
+pub mod stream;
 pub mod telemetry;
