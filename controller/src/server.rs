@@ -90,10 +90,18 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AgentGatewayServer<Gateway>>().await;
     health.set_serving::<IncidentsServer<IncidentsApi>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(exfilguard_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(exfilguard_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
+        .map_err(|e| Error::Unavailable(format!("reflection: {e}")))?;
+    // v1alpha too: grpcurl falls back to it and Python's grpcio-reflection
+    // client speaks only v1alpha.
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
         .map_err(|e| Error::Unavailable(format!("reflection: {e}")))?;
 
     let mut builder = Server::builder()
@@ -125,7 +133,8 @@ pub async fn serve(
     tracing::info!(%local, tls = config.tls.is_some(), "controller listening");
     builder
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(gateway)
         .add_service(incidents)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)

@@ -261,6 +261,67 @@ fn agent_kill_9_mid_stream_resends_nothing_acknowledged_as_new() {
     );
 }
 
+/// The Python interpreter with grpcio, grpcio-reflection and
+/// grpcio-health-checking: `EXFILGUARD_PYTHON`, else `python3` on PATH.
+fn grpc_python() -> Option<String> {
+    let python = std::env::var("EXFILGUARD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&python)
+        .args(["-c", "import grpc, grpc_reflection, grpc_health"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then_some(python)
+}
+
+#[test]
+fn a_generic_grpc_client_discovers_checks_health_and_lists_incidents() {
+    let Some(python) = grpc_python() else {
+        let reason = "python3 lacks grpcio, grpcio-reflection, grpcio-health-checking (run `cargo xtask setup`)";
+        if std::env::var(exfilguard_tests::skip::REQUIRE_ENV).is_ok_and(|v| v == "1") {
+            panic!(
+                "{}=1 but this test cannot run: {reason}",
+                exfilguard_tests::skip::REQUIRE_ENV
+            );
+        }
+        eprintln!("SKIPPED: {reason}");
+        return;
+    };
+    let dir = TempDir::new("python");
+    let pki = write_dev_pki(
+        &dir.0.join("pki"),
+        &["localhost".into()],
+        &["node-a".into()],
+    )
+    .unwrap();
+    let (_controller, addr) = start_controller(&pki, &dir.0.join("controller.db"), "127.0.0.1:0");
+    let mut agent = start_agent(&pki, &addr, &dir.0.join("journal"), 3, 0);
+    agent.wait_for_line("STATS", |l| l.starts_with("STATS "), WAIT);
+    agent.wait(WAIT);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/generic_client.py");
+    let out = exfilguard_tests::process::output(
+        {
+            let mut cmd = Command::new(&python);
+            cmd.arg(&script)
+                .arg(&addr)
+                .arg(pki.ca())
+                .arg(pki.cert("viewer"))
+                .arg(pki.key("viewer"));
+            cmd
+        },
+        "generic gRPC client",
+        WAIT,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "generic client failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("OK ") && stdout.contains("EXFIL-"),
+        "{stdout}"
+    );
+}
+
 /// The child side of the tests above; ignored unless re-run by them.
 #[test]
 #[ignore = "child process of the other tests in this file"]

@@ -1,0 +1,353 @@
+//! Load generator for the controller: N simulated agents, each on its own
+//! mutual-TLS connection with its own certificate, stream FlowReports and
+//! Detections at a fixed rate; measures durably stored messages per second
+//! (acks only come after the commit), the ack latency (ingest → stored, plus
+//! loopback), and the controller's peak RSS. Then checks that the store
+//! holds exactly what was acknowledged.
+//!
+//! `cargo run --release -p exfilguard-controller --example loadgen -- --agents 500 --rate 40 --seconds 60`
+//! (build the controller binary first: `cargo build --release -p exfilguard-controller`).
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use exfilguard_controller::{
+    auth::Role,
+    certs::{CertificateAuthority, write_dev_pki},
+};
+use exfilguard_proto::v1::{
+    AgentMessage, Detection, DetectionKind, FlowReport, Hello, ListNodesRequest, Severity,
+    Workload, WorkloadEgress, agent_gateway_client::AgentGatewayClient, agent_message,
+    controller_message, incidents_client::IncidentsClient,
+};
+use tokio::sync::{Mutex, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+#[derive(Parser)]
+struct Args {
+    /// Simulated agents (one connection and certificate each).
+    #[arg(long, default_value_t = 500)]
+    agents: usize,
+    /// Messages per second per agent.
+    #[arg(long, default_value_t = 40)]
+    rate: u64,
+    /// Length of the measured run.
+    #[arg(long, default_value_t = 60)]
+    seconds: u64,
+    /// One message in this many is a Detection (the rest FlowReports).
+    #[arg(long, default_value_t = 20)]
+    detection_every: u64,
+    /// The controller binary.
+    #[arg(long)]
+    controller: Option<PathBuf>,
+    /// Working directory (PKI, database); a fresh temp dir by default.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+struct Shared {
+    acked: AtomicU64,
+    sent: AtomicU64,
+    latencies_us: Mutex<Vec<u32>>,
+    stop: AtomicBool,
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn tls(ca: &str, cert: &str, key: &str) -> ClientTlsConfig {
+    ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(cert, key))
+        .domain_name("localhost")
+}
+
+async fn connect(addr: &str, tls: ClientTlsConfig) -> anyhow::Result<Channel> {
+    Ok(Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(tls)?
+        .connect()
+        .await?)
+}
+
+fn message(node: usize, seq: u64, detection_every: u64) -> AgentMessage {
+    let now = exfilguard_controller::time::now_ms();
+    let pod = format!("pod-{}", seq % 4);
+    let workload = Workload {
+        namespace: format!("ns-{}", node % 50),
+        pod,
+        cgroup_id: seq % 4 + 1,
+        ..Default::default()
+    };
+    let payload = if seq.is_multiple_of(detection_every) {
+        agent_message::Payload::Detection(Detection {
+            detection_id: format!("n{node}-{seq}"),
+            kind: DetectionKind::Volume as i32,
+            severity: Severity::High as i32,
+            workload: Some(workload),
+            detected_at_unix_ms: now,
+            summary: "120 MB to 203.0.113.7:443 in 10 min".into(),
+            bytes_estimate: 120_000_000,
+            window_seconds: 600,
+            threshold: 100_000_000,
+            ..Default::default()
+        })
+    } else {
+        agent_message::Payload::FlowReport(FlowReport {
+            window_start_unix_ms: now - 1000,
+            window_end_unix_ms: now,
+            workloads: vec![WorkloadEgress {
+                workload: Some(workload),
+                external_bytes: 4096,
+                internal_bytes: 1024,
+                packets: 9,
+                ..Default::default()
+            }],
+        })
+    };
+    AgentMessage {
+        seq,
+        sent_at_unix_ms: now,
+        payload: Some(payload),
+    }
+}
+
+async fn agent(
+    node: usize,
+    ch: Channel,
+    args: Arc<Args>,
+    shared: Arc<Shared>,
+) -> anyhow::Result<u64> {
+    let (tx, rx) = mpsc::channel(4096);
+    let hello = Hello {
+        node_name: format!("node-{node}"),
+        agent_version: "loadgen".into(),
+        ..Default::default()
+    };
+    tx.send(AgentMessage {
+        seq: 0,
+        sent_at_unix_ms: 0,
+        payload: Some(agent_message::Payload::Hello(hello)),
+    })
+    .await?;
+    let mut inbound = AgentGatewayClient::new(ch)
+        .connect(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    inbound.message().await?.context("no Welcome")?;
+    let sent_at: Arc<Mutex<std::collections::VecDeque<(u64, Instant)>>> = Default::default();
+    let reader = {
+        let sent_at = sent_at.clone();
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut last_acked = 0;
+            while let Ok(Some(msg)) = inbound.message().await {
+                if let Some(controller_message::Payload::Ack(a)) = msg.payload {
+                    let mut q = sent_at.lock().await;
+                    while let Some(&(seq, at)) = q.front() {
+                        if seq > a.seq {
+                            break;
+                        }
+                        q.pop_front();
+                        if seq == a.seq {
+                            lat.push(at.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                        }
+                    }
+                    last_acked = a.seq;
+                    shared.acked.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            shared.latencies_us.lock().await.extend(lat);
+            last_acked
+        })
+    };
+    // Ticks of 100 ms, spread over the agents so they do not all fire at once.
+    let per_tick = (args.rate / 10).max(1);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tokio::time::sleep(Duration::from_millis((node as u64 * 7) % 100)).await;
+    let mut seq = 0;
+    while !shared.stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        for _ in 0..per_tick {
+            seq += 1;
+            sent_at.lock().await.push_back((seq, Instant::now()));
+            tx.send(message(node, seq, args.detection_every)).await?;
+            shared.sent.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    // Let the last acks arrive, then close.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sent_at.lock().await.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(tx);
+    let last_acked = reader.await?;
+    Ok(last_acked.min(seq))
+}
+
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Arc::new(Args::parse());
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("exfilguard-loadgen-{}", std::process::id())),
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    let pki = write_dev_pki(
+        &dir.join("pki"),
+        &["localhost".into(), "127.0.0.1".into()],
+        &[],
+    )?;
+    let ca = CertificateAuthority::load(
+        &std::fs::read_to_string(pki.ca())?,
+        &std::fs::read_to_string(pki.key("ca"))?,
+    )?;
+    let controller_bin = match &args.controller {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .and_then(|p| p.parent())
+            .context("target dir")?
+            .join("exfilguard-controller"),
+    };
+    let addr_file = dir.join("addr");
+    let child = Command::new(&controller_bin)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .arg("--db")
+        .arg(dir.join("controller.db"))
+        .arg("--cert")
+        .arg(pki.cert("controller"))
+        .arg("--key")
+        .arg(pki.key("controller"))
+        .arg("--client-ca")
+        .arg(pki.ca())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("start {}", controller_bin.display()))?;
+    let pid = child.id();
+    let _guard = Guard(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let addr = loop {
+        if let Ok(a) = std::fs::read_to_string(&addr_file) {
+            break a;
+        }
+        if Instant::now() > deadline {
+            bail!("controller did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let ca_pem = std::fs::read_to_string(pki.ca())?;
+    eprintln!(
+        "controller pid {pid} on {addr}; issuing {} agent certificates and connecting",
+        args.agents
+    );
+    let mut channels = Vec::with_capacity(args.agents);
+    for node in 0..args.agents {
+        let issued = ca.issue_agent(&format!("node-{node}"))?;
+        channels.push(connect(&addr, tls(&ca_pem, &issued.cert_pem, &issued.key_pem)).await?);
+    }
+    let shared = Arc::new(Shared {
+        acked: 0.into(),
+        sent: 0.into(),
+        latencies_us: Mutex::new(Vec::new()),
+        stop: false.into(),
+    });
+    let baseline_rss = rss_kb(pid);
+    let tasks: Vec<_> = channels
+        .into_iter()
+        .enumerate()
+        .map(|(node, ch)| tokio::spawn(agent(node, ch, args.clone(), shared.clone())))
+        .collect();
+    let start = Instant::now();
+    let mut peak_rss = baseline_rss;
+    let mut last = (0, start);
+    while start.elapsed() < Duration::from_secs(args.seconds) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        peak_rss = peak_rss.max(rss_kb(pid));
+        let acked = shared.acked.load(Ordering::Relaxed);
+        eprintln!(
+            "t={:>3}s stored/s={:>7.0} sent={} acked={} rss={} MB",
+            start.elapsed().as_secs(),
+            (acked - last.0) as f64 / last.1.elapsed().as_secs_f64(),
+            shared.sent.load(Ordering::Relaxed),
+            acked,
+            rss_kb(pid) / 1024
+        );
+        last = (acked, Instant::now());
+    }
+    let measured = start.elapsed();
+    let acked_in_window = shared.acked.load(Ordering::Relaxed);
+    shared.stop.store(true, Ordering::Relaxed);
+    let mut acked_per_node = Vec::new();
+    for t in tasks {
+        acked_per_node.push(t.await??);
+    }
+    peak_rss = peak_rss.max(rss_kb(pid));
+    // What the store says: each node's high-water mark must equal what it saw acknowledged.
+    let issued = ca.issue_client("loadgen", Role::Viewer)?;
+    let mut api = IncidentsClient::new(
+        connect(&addr, tls(&ca_pem, &issued.cert_pem, &issued.key_pem)).await?,
+    );
+    let nodes = api
+        .list_nodes(ListNodesRequest {})
+        .await?
+        .into_inner()
+        .nodes;
+    let stored: u64 = nodes.iter().map(|n| n.last_seq).sum();
+    let acked_total: u64 = acked_per_node.iter().sum();
+    let mut lat = std::mem::take(&mut *shared.latencies_us.lock().await);
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
+    let report = serde_json::json!({
+        "agents": args.agents,
+        "offered_msgs_per_s": args.agents as u64 * args.rate,
+        "seconds": measured.as_secs_f64(),
+        "stored_msgs_per_s": acked_in_window as f64 / measured.as_secs_f64(),
+        "ack_latency_ms": { "p50": pct(0.50), "p99": pct(0.99), "max": pct(1.0) },
+        "controller_rss_mb": { "idle": baseline_rss / 1024, "peak": peak_rss / 1024 },
+        "acked_total": acked_total,
+        "stored_total": stored,
+        "lost_or_duplicated": stored as i64 - acked_total as i64,
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    let _ = std::fs::remove_dir_all(&dir);
+    if stored != acked_total {
+        bail!("store holds {stored} messages but {acked_total} were acknowledged");
+    }
+    Ok(())
+}
