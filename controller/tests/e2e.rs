@@ -14,9 +14,10 @@ use std::{
 use exfilguard_controller::certs::{DevPki, write_dev_pki};
 use exfilguard_proto::v1::{
     Ack, AckStatus, AcknowledgeIncidentRequest, AgentMessage, ControllerMessage, Detection,
-    DetectionKind, Evidence, FlowReport, GetIncidentRequest, Hello, ListIncidentsRequest, Severity,
-    Workload, WorkloadEgress, agent_gateway_client::AgentGatewayClient, agent_message,
-    controller_message, incidents_client::IncidentsClient,
+    DetectionKind, Evidence, FlowReport, GetIncidentRequest, Hello, IncidentEventKind,
+    ListIncidentsRequest, Severity, WatchIncidentsRequest, Workload, WorkloadEgress,
+    agent_gateway_client::AgentGatewayClient, agent_message, controller_message,
+    incidents_client::IncidentsClient,
 };
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -282,6 +283,12 @@ fn detections_become_incidents_that_exfilctl_shows_contains_and_releases() {
     let pki = pki(dir.path());
     let c = Controller::start(&pki, &dir.path().join("c.db"), &[]);
     runtime().block_on(async {
+        // A watcher subscribed before anything happens sees the incidents open.
+        let mut watch = IncidentsClient::new(as_role(&c, &pki, "viewer").await)
+            .watch_incidents(WatchIncidentsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
         let (mut agent, last) = Agent::open(as_role(&c, &pki, "agent-node-a").await, "node-a")
             .await
             .unwrap();
@@ -306,6 +313,13 @@ fn detections_become_incidents_that_exfilctl_shows_contains_and_releases() {
             }
         }
         assert_eq!(acked, BTreeSet::from([1, 2, 3, 4]));
+        let event = tokio::time::timeout(WAIT, watch.message())
+            .await
+            .expect("watch event in time")
+            .unwrap()
+            .unwrap();
+        assert_eq!(event.kind, IncidentEventKind::Opened as i32, "{event:?}");
+        assert_eq!(event.incident.unwrap().workload.unwrap().pod, "db-0");
         let (block_seq, block) = block.unwrap();
         assert_eq!(block.cgroup_id, 42);
         // The agent applies the Block and says so; the timeline records it.
@@ -804,4 +818,71 @@ fn health_and_reflection_describe_the_services() {
             assert!(names.contains(want), "{want} missing from {names:?}");
         }
     });
+}
+
+#[test]
+fn insecure_mode_serves_plain_text_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr_file = dir.path().join("addr");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_exfilguard-controller"))
+        .args(["serve", "--insecure", "--listen", "127.0.0.1:0"])
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .arg("--db")
+        .arg(dir.path().join("c.db"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    let addr = loop {
+        if let Ok(a) = std::fs::read_to_string(&addr_file) {
+            break a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "insecure controller did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_exfilctl"))
+        .args([
+            "--insecure",
+            "--endpoint",
+            &format!("http://{addr}"),
+            "nodes",
+            "-o",
+            "json",
+        ])
+        .env("HOME", dir.path())
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let status = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).unwrap(),
+        serde_json::json!([])
+    );
+    let log = String::from_utf8_lossy(&status.stderr);
+    assert!(
+        log.contains("--insecure: plain-text gRPC, no authentication"),
+        "{log}"
+    );
+    // Without --insecure the controller refuses to start without certificates.
+    let refused = Command::new(env!("CARGO_BIN_EXE_exfilguard-controller"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--db"])
+        .arg(dir.path().join("d.db"))
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--cert"),
+        "{refused:?}"
+    );
 }

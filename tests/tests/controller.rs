@@ -24,8 +24,9 @@ use exfilguard_controller::{
     server::{self, ServerConfig},
 };
 use exfilguard_proto::v1::{
-    AckStatus, Capability, Detection, DetectionKind, GetIncidentRequest, ListIncidentsRequest,
-    Severity, Workload, incidents_client::IncidentsClient,
+    AckStatus, Capability, Detection, DetectionKind, FlowReport, GetIncidentRequest,
+    ListIncidentsRequest, ListNodesRequest, Severity, Workload, WorkloadEgress,
+    incidents_client::IncidentsClient,
 };
 use exfilguard_tests::process::ChildGuard;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
@@ -261,6 +262,144 @@ fn agent_kill_9_mid_stream_resends_nothing_acknowledged_as_new() {
     );
 }
 
+/// The `i`-th message of an agent child: a FlowReport when `flow_every`
+/// divides `i + 1`, else a Detection.
+fn child_message(i: u64, first_pod: u64, flow_every: u64) -> (bool, Vec<u8>) {
+    use prost::Message as _;
+    let pod = first_pod + i % 10;
+    let workload = Workload {
+        namespace: "shop".into(),
+        pod: format!("pod-{pod}"),
+        cgroup_id: pod + 1,
+        ..Default::default()
+    };
+    if flow_every > 0 && (i + 1).is_multiple_of(flow_every) {
+        let report = FlowReport {
+            window_start_unix_ms: 0,
+            window_end_unix_ms: i,
+            workloads: vec![WorkloadEgress {
+                workload: Some(workload),
+                external_bytes: 1000 + i,
+                ..Default::default()
+            }],
+        };
+        (true, report.encode_to_vec())
+    } else {
+        let d = Detection {
+            detection_id: format!("det-{first_pod}-{i}"),
+            kind: DetectionKind::Volume as i32,
+            severity: Severity::High as i32,
+            workload: Some(workload),
+            summary: format!("detection {i}"),
+            bytes_estimate: 1_000_000,
+            ..Default::default()
+        };
+        (false, d.encode_to_vec())
+    }
+}
+
+#[test]
+fn a_full_journal_while_disconnected_drops_flow_reports_first_and_the_controller_learns_the_counts()
+{
+    const COUNT: u64 = 40;
+    const FLOW_EVERY: u64 = 2;
+    let dir = TempDir::new("journal-full");
+    let pki = write_dev_pki(
+        &dir.0.join("pki"),
+        &["localhost".into()],
+        &["node-a".into()],
+    )
+    .unwrap();
+    // A port with nothing listening yet: the agent starts disconnected.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    // Room for every detection and three flow reports.
+    let cost = |(_, bytes): (bool, Vec<u8>)| {
+        bytes.len() as u64 + exfilguard_agent::stream::journal::ENTRY_OVERHEAD
+    };
+    let detections: u64 = (0..COUNT)
+        .map(|i| child_message(i, 0, FLOW_EVERY))
+        .filter(|m| !m.0)
+        .map(cost)
+        .sum();
+    let flow_max = (0..COUNT)
+        .map(|i| child_message(i, 0, FLOW_EVERY))
+        .filter(|m| m.0)
+        .map(cost)
+        .max()
+        .unwrap();
+    let limit = detections + 3 * flow_max;
+    let mut agent = child(
+        "agent",
+        &[
+            ("PKI", pki.dir.display().to_string()),
+            ("ENDPOINT", format!("https://{addr}")),
+            ("JOURNAL", dir.0.join("journal").display().to_string()),
+            ("JOURNAL_MAX", limit.to_string()),
+            ("COUNT", COUNT.to_string()),
+            ("FIRST", "0".into()),
+            ("FLOW_EVERY", FLOW_EVERY.to_string()),
+        ],
+    );
+    agent.wait_for_line("PRODUCED", |l| l.starts_with("PRODUCED"), WAIT);
+    let (_controller, _) = start_controller(&pki, &dir.0.join("controller.db"), &addr);
+    let s = stats(&agent.wait_for_line("STATS", |l| l.starts_with("STATS "), WAIT));
+    agent.wait(WAIT);
+    eprintln!("journal limit {limit} B: {s:?}");
+    let flows = COUNT / FLOW_EVERY;
+    assert_eq!(s["dropped_detections"], 0, "detections go last: {s:?}");
+    assert!(
+        s["dropped_flow_reports"] >= flows - 3,
+        "flow reports went first: {s:?}"
+    );
+    assert!(
+        s["dropped_flow_reports"] < flows,
+        "what fits is kept: {s:?}"
+    );
+    // Every detection arrived, exactly once; the controller knows what was dropped.
+    let detection_seqs: Vec<u64> = (1..=COUNT)
+        .filter(|seq| !child_message(seq - 1, 0, FLOW_EVERY).0)
+        .collect();
+    assert_eq!(stored_seqs(&pki, &addr), detection_seqs);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let nodes = rt.block_on(async {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(std::fs::read(pki.ca()).unwrap()))
+            .identity(Identity::from_pem(
+                std::fs::read(pki.cert("viewer")).unwrap(),
+                std::fs::read(pki.key("viewer")).unwrap(),
+            ))
+            .domain_name("localhost");
+        let ch = Endpoint::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        IncidentsClient::new(ch)
+            .list_nodes(ListNodesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes
+    });
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0].dropped_flow_reports, s["dropped_flow_reports"]);
+    assert_eq!(nodes[0].dropped_detections, 0);
+    assert_eq!(
+        nodes[0].last_seq, COUNT,
+        "the newest flow report was kept and stored"
+    );
+}
+
 /// The Python interpreter with grpcio, grpcio-reflection and
 /// grpcio-health-checking: `EXFILGUARD_PYTHON`, else `python3` on PATH.
 fn grpc_python() -> Option<String> {
@@ -361,6 +500,9 @@ fn child_process() {
                 server_name: Some("localhost".into()),
             });
             config.capabilities = vec![Capability::Block];
+            if let Ok(max) = std::env::var("JOURNAL_MAX") {
+                config.journal_max_bytes = max.parse().expect("JOURNAL_MAX");
+            }
             config.backoff_initial = Duration::from_millis(50);
             config.backoff_max = Duration::from_millis(500);
             let handle = Arc::new(StreamHandle::start(config).expect("start stream"));
@@ -374,21 +516,19 @@ fn child_process() {
             });
             let count: u64 = var("COUNT").parse().unwrap();
             let first: u64 = var("FIRST").parse().unwrap();
+            let flow_every: u64 = std::env::var("FLOW_EVERY").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
             let mut last_seq = 0;
             for i in 0..count {
-                let pod = first + i % 10;
-                let d = Detection {
-                    detection_id: format!("{}-{i}", std::process::id()),
-                    kind: DetectionKind::Volume as i32,
-                    severity: Severity::High as i32,
-                    workload: Some(Workload { namespace: "shop".into(), pod: format!("pod-{pod}"), cgroup_id: pod + 1, ..Default::default() }),
-                    summary: format!("detection {i}"),
-                    bytes_estimate: 1_000_000,
-                    ..Default::default()
-                };
-                last_seq = handle.send_detection(d).await.expect("journal");
+                let (is_flow, bytes) = child_message(i, first, flow_every);
+                last_seq = if is_flow {
+                    handle.send_flow_report(prost::Message::decode(bytes.as_slice()).unwrap()).await
+                } else {
+                    handle.send_detection(prost::Message::decode(bytes.as_slice()).unwrap()).await
+                }
+                .expect("journal");
                 tokio::time::sleep(Duration::from_millis(3)).await;
             }
+            println!("\nPRODUCED {count}");
             let deadline = Instant::now() + WAIT;
             while handle.stats().pending > 0 {
                 assert!(Instant::now() < deadline, "journal not drained: {:?}", handle.stats());
@@ -396,13 +536,15 @@ fn child_process() {
             }
             let s = handle.stats();
             println!(
-                "\nSTATS last_seq={last_seq} pending={} acked={} duplicates={} connects={} sent={} dropped={}",
+                "\nSTATS last_seq={last_seq} pending={} acked={} duplicates={} connects={} sent={} dropped={} dropped_flow_reports={} dropped_detections={}",
                 s.pending,
                 s.acked,
                 s.duplicates,
                 s.connects,
                 s.sent,
-                s.drops.flow_reports + s.drops.detections
+                s.drops.flow_reports + s.drops.detections,
+                s.drops.flow_reports,
+                s.drops.detections
             );
         }),
         other => panic!("unknown child role {other}"),

@@ -99,7 +99,7 @@ const REC_ACK: u8 = 2;
 const REC_DROP: u8 = 3;
 const REC_STATE: u8 = 4;
 /// Per-entry bookkeeping counted against the limit besides the payload.
-const ENTRY_OVERHEAD: u64 = 32;
+pub const ENTRY_OVERHEAD: u64 = 32;
 const LOG_NAME: &str = "journal.log";
 
 /// CRC-32 (IEEE), bitwise: records are small and this avoids a dependency.
