@@ -8,7 +8,7 @@
 use std::{collections::HashMap, pin::Pin, sync::Arc, time::Duration};
 
 use exfilguard_proto::v1::{
-    Ack, AckStatus, AgentMessage, ControllerMessage, FlowReport, Hello, Welcome,
+    Ack, AckStatus, AgentMessage, Capability, ControllerMessage, FlowReport, Hello, Welcome,
     agent_gateway_server::AgentGateway, agent_message, controller_message,
 };
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -116,6 +116,15 @@ fn validate_hello(msg: &AgentMessage) -> Result<&Hello> {
     {
         return Err(Error::InvalidArgument(format!(
             "Hello.node_name {name:?} is not a node name"
+        )));
+    }
+    if let Some(bad) = hello
+        .capabilities
+        .iter()
+        .find(|c| Capability::try_from(**c).is_err())
+    {
+        return Err(Error::InvalidArgument(format!(
+            "Hello.capabilities: unknown value {bad}"
         )));
     }
     if hello.agent_version.len() > 256 || hello.kernel_release.len() > 256 {

@@ -736,6 +736,15 @@ fn bad_callers_and_bad_messages_get_the_right_status_and_nothing_else_breaks() {
             // The stream is gone, so the node may connect again (bounded wait for cleanup).
             drop(agent);
         }
+        // A Hello with a capability the contract does not know.
+        let (tx, out) = mpsc::channel(4);
+        let mut bad_hello = hello("node-b");
+        if let Some(agent_message::Payload::Hello(h)) = &mut bad_hello.payload {
+            h.capabilities = vec![99];
+        }
+        tx.send(bad_hello).await.unwrap();
+        let err = AgentGatewayClient::new(b.clone()).connect(ReceiverStream::new(out)).await.expect_err("refused");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
         // First message not Hello.
         let (tx, out) = mpsc::channel(4);
         tx.send(detection(1, "p", Severity::High, 1)).await.unwrap();
