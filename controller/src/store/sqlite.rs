@@ -229,6 +229,33 @@ fn load_evidence(conn: &Connection, id: &str) -> Result<Vec<EvidenceRecord>> {
         .map_err(Error::store("evidence"))
 }
 
+/// Timeline entries carried by a change event: the newest few. Loading the
+/// whole timeline per detection would make a long episode quadratic; watchers
+/// that want all of it call GetIncident.
+const EVENT_TIMELINE_TAIL: u32 = 8;
+
+fn load_timeline_tail(conn: &Connection, id: &str, tail: u32) -> Result<Vec<TimelineEntry>> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT at_ms, actor, cause, state FROM
+               (SELECT n, at_ms, actor, cause, state FROM timeline WHERE incident_id = ?1 ORDER BY n DESC LIMIT ?2)
+             ORDER BY n",
+        )
+        .map_err(Error::store("timeline"))?;
+    let rows = stmt
+        .query_map(params![id, tail], |r| {
+            Ok(TimelineEntry {
+                at_unix_ms: r.get(0)?,
+                actor: r.get(1)?,
+                cause: r.get(2)?,
+                state: r.get(3)?,
+            })
+        })
+        .map_err(Error::store("timeline"))?;
+    rows.collect::<rusqlite::Result<_>>()
+        .map_err(Error::store("timeline"))
+}
+
 fn with_timeline(conn: &Connection, mut incident: Incident) -> Result<Incident> {
     incident.timeline = load_timeline(conn, &incident.id)?;
     Ok(incident)
@@ -462,7 +489,10 @@ impl SqliteStore {
             0,
             Effect::Incident {
                 kind,
-                incident: Box::new(with_timeline(tx, incident)?),
+                incident: Box::new(Incident {
+                    timeline: load_timeline_tail(tx, &id, EVENT_TIMELINE_TAIL)?,
+                    ..incident
+                }),
             },
         );
         Ok(effects)
