@@ -2,10 +2,16 @@
 //!
 //! The data path reads in one direction: the kernel programs count and
 //! capture ([`datapath`]), the agent collects deltas ([`flows`]) and DNS
-//! payloads ([`datapath::events`]), and later stages attribute and detect.
+//! payloads ([`datapath::events`]), attributes them to workloads
+//! ([`attribution`]), the detectors ([`detect`]) turn them into detections
+//! under the [`policy`], and [`stream`] carries them to the controller.
+pub mod analyze;
+pub mod attribution;
 pub mod cidr;
 pub mod clock;
 pub mod datapath;
+pub mod detect;
 pub mod flows;
+pub mod policy;
 pub mod stream;
 pub mod telemetry;

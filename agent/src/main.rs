@@ -4,10 +4,12 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use exfilguard_agent::{
+    analyze,
     cidr::IpNet,
     clock,
     datapath::{self, Datapath, DatapathConfig, Event},
     flows::FlowTracker,
+    policy::Policy,
     telemetry,
 };
 use tokio::{
@@ -32,6 +34,11 @@ enum Command {
     /// Load and attach the programs, then poll counters and events until
     /// SIGINT/SIGTERM.
     Run(RunArgs),
+    /// Replay a capture (pcap or pcapng) through the detectors and print what
+    /// they find. The workload is the client address.
+    ///
+    /// Example: exfilguard-agent analyze --pcap dump.pcapng --output table
+    Analyze(AnalyzeArgs),
     /// Detach the programs and remove everything the agent pinned (maps,
     /// counters, blocks, caps, links).
     Cleanup {
@@ -39,6 +46,30 @@ enum Command {
         #[arg(long, env = "EXFILGUARD_PIN_DIR", default_value = datapath::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct AnalyzeArgs {
+    /// The capture file (required).
+    #[arg(long)]
+    pcap: PathBuf,
+    /// Policy YAML (optional; default: the runbook's thresholds).
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    output: Output,
+    /// CIDRs of the workloads' side (optional, repeatable): only sources in
+    /// them are workloads and only destinations outside them are egress.
+    /// Without it every source is a workload and every destination external.
+    #[arg(long = "internal", value_name = "CIDR")]
+    internal: Vec<IpNet>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Output {
+    Json,
+    Table,
 }
 
 #[derive(clap::Args, Debug)]
@@ -90,6 +121,7 @@ async fn main() -> anyhow::Result<()> {
     telemetry::init("info", cli.log_json);
     match cli.command {
         Command::Run(args) => run(args).await,
+        Command::Analyze(args) => analyze(args),
         Command::Cleanup { pin_dir } => {
             let removed = datapath::bpffs::remove_pins(&pin_dir)
                 .with_context(|| format!("removing pins under {}", pin_dir.display()))?;
@@ -97,6 +129,73 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn analyze(args: AnalyzeArgs) -> anyhow::Result<()> {
+    let AnalyzeArgs {
+        pcap,
+        policy,
+        output,
+        internal,
+    } = args;
+    let policy = match policy {
+        Some(p) => Policy::load(&p).with_context(|| format!("policy {}", p.display()))?,
+        None => Policy::default(),
+    };
+    let bytes = std::fs::read(&pcap).with_context(|| format!("reading {}", pcap.display()))?;
+    let report = analyze::analyze_bytes(&bytes, policy, internal);
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Table => print!("{}", report_table(&report)),
+    }
+    match &report.error {
+        // The detections up to the damage are printed above; the exit code
+        // still says the capture was not read to the end.
+        Some(e) => anyhow::bail!("{}: {e}", pcap.display()),
+        None => Ok(()),
+    }
+}
+
+fn report_table(r: &analyze::Report) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{} packets, {} DNS messages ({} unparsable), {} undecodable; {} detections",
+        r.stats.packets,
+        r.stats.dns_messages,
+        r.stats.dns_errors,
+        r.stats.undecodable,
+        r.detections.len()
+    );
+    for d in &r.detections {
+        let at = std::time::UNIX_EPOCH + Duration::from_nanos(d.evidence.window_end_ns);
+        let secs = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let _ = writeln!(
+            s,
+            "{secs} {:<30} {:<6} {:<40} {:<30} observed {:.0} > {:.0} bytes {} encoded {}",
+            d.rule.as_str(),
+            format!("{:?}", d.phase).to_lowercase(),
+            d.workload,
+            d.subject.as_deref().unwrap_or("-"),
+            d.observed,
+            d.threshold,
+            d.evidence.bytes,
+            d.evidence.encoded_bytes,
+        );
+        for t in &d.evidence.top_destinations {
+            let _ = writeln!(s, "    to {}:{} {} bytes", t.addr, t.port, t.bytes);
+        }
+        if let Some(dns) = &d.evidence.dns {
+            for q in &dns.sample_queries {
+                let _ = writeln!(s, "    query {q}");
+            }
+        }
+    }
+    s
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {

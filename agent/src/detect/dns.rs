@@ -1,0 +1,1080 @@
+//! DNS tunnelling and exfiltration, per workload and registered domain.
+//!
+//! Payloads are parsed with hickory-proto and names split at the registered
+//! domain with the public suffix list (`psl`). What counts is information
+//! the workload pushes out through names: each query name not seen in the
+//! window adds the Shannon information of its subdomain part (length × bits
+//! per character / 8), which for hex, base32 or base64 carriers is close to the
+//! bytes encoded. Ordinary traffic repeats a few names per domain and so adds
+//! little; names that carry no client data are skipped: the cluster's own
+//! domains (search-path expansions included), reverse lookups, SRV and
+//! underscore names (`_dmarc`, DKIM, SRV), allowlisted domains.
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+};
+
+use hickory_proto::{
+    op::{Message, MessageType, ResponseCode},
+    rr::RecordType,
+};
+
+use super::{Destination, Detection, DnsEvidence, Episodes, Evidence, NS, Rule, entropy};
+use crate::policy::Policy;
+
+/// Why a payload is not a DNS message we can use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DnsParseError {
+    /// Shorter than a TCP length prefix.
+    #[error("TCP DNS payload of {0} bytes has no length prefix")]
+    NoLengthPrefix(usize),
+    /// The TCP length prefix promises more than the payload holds.
+    #[error("TCP DNS message claims {claimed} bytes, {present} present")]
+    TcpTruncated {
+        /// Length in the prefix.
+        claimed: usize,
+        /// Bytes after the prefix.
+        present: usize,
+    },
+    /// hickory-proto rejected it.
+    #[error("malformed DNS message: {0}")]
+    Malformed(String),
+}
+
+/// The parts of a DNS message the detector uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsMessage {
+    /// An answer (QR bit set).
+    pub response: bool,
+    /// Answer code NXDOMAIN.
+    pub nxdomain: bool,
+    /// Questions: lower-case name without the trailing dot, and type.
+    pub questions: Vec<(String, RecordType)>,
+}
+
+/// Parses a UDP payload, or a TCP payload with its two-byte length prefix
+/// (only the first message of a TCP segment is read).
+pub fn parse_payload(payload: &[u8], tcp: bool) -> Result<DnsMessage, DnsParseError> {
+    let msg = if tcp {
+        let Some((len, rest)) = payload.split_first_chunk::<2>() else {
+            return Err(DnsParseError::NoLengthPrefix(payload.len()));
+        };
+        let claimed = usize::from(u16::from_be_bytes(*len));
+        if claimed > rest.len() {
+            return Err(DnsParseError::TcpTruncated {
+                claimed,
+                present: rest.len(),
+            });
+        }
+        &rest[..claimed]
+    } else {
+        payload
+    };
+    let m = Message::from_vec(msg).map_err(|e| DnsParseError::Malformed(e.to_string()))?;
+    let questions = m
+        .queries
+        .iter()
+        .map(|q| {
+            let mut name = q.name().to_ascii();
+            if name.ends_with('.') {
+                name.pop();
+            }
+            name.make_ascii_lowercase();
+            (name, q.query_type())
+        })
+        .collect();
+    Ok(DnsMessage {
+        response: m.metadata.message_type == MessageType::Response,
+        nxdomain: m.metadata.response_code == ResponseCode::NXDomain,
+        questions,
+    })
+}
+
+/// Why a query name was not scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// Below a cluster domain (service discovery, search-path expansion).
+    Cluster,
+    /// `in-addr.arpa` / `ip6.arpa`.
+    Reverse,
+    /// SRV, or a name with an underscore label (`_dmarc`, DKIM, SRV).
+    Service,
+    /// Allowlisted by policy.
+    Allowlisted,
+    /// No registered domain (a bare TLD, a single label, not a host name).
+    NoRegisteredDomain,
+}
+
+/// A query name split at its registered domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Split<'a> {
+    /// The registered domain (`example.co.uk`).
+    pub registered: &'a str,
+    /// What is left of it, without the joining dot (may be empty).
+    pub subdomain: &'a str,
+}
+
+fn ends_with_domain(name: &str, suffix: &str) -> bool {
+    let suffix = suffix.trim_end_matches('.');
+    name.len() >= suffix.len()
+        && name[name.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+        && (name.len() == suffix.len() || name.as_bytes()[name.len() - suffix.len() - 1] == b'.')
+}
+
+/// Decides whether `name` is scored and, if so, splits it.
+pub fn classify<'a>(policy: &Policy, name: &'a str, qtype: RecordType) -> Result<Split<'a>, Skip> {
+    if policy
+        .dns
+        .cluster_domains
+        .iter()
+        .any(|c| ends_with_domain(name, c))
+    {
+        return Err(Skip::Cluster);
+    }
+    if ends_with_domain(name, "in-addr.arpa") || ends_with_domain(name, "ip6.arpa") {
+        return Err(Skip::Reverse);
+    }
+    if qtype == RecordType::SRV || name.split('.').any(|l| l.starts_with('_')) {
+        return Err(Skip::Service);
+    }
+    if policy.allowlisted_domain(name) {
+        return Err(Skip::Allowlisted);
+    }
+    let registered = psl::domain_str(name).ok_or(Skip::NoRegisteredDomain)?;
+    let subdomain = name[..name.len() - registered.len()].trim_end_matches('.');
+    Ok(Split {
+        registered,
+        subdomain,
+    })
+}
+
+/// Estimated bytes of data a subdomain part can carry: its characters (dots
+/// excluded) times their Shannon entropy, over 8.
+pub fn encoded_estimate(subdomain: &str) -> f64 {
+    let chars: Vec<u8> = subdomain.bytes().filter(|&b| b != b'.').collect();
+    chars.len() as f64 * entropy(&chars) / 8.0
+}
+
+/// A subdomain that looks like a carrier of encoded data: long and dense.
+fn carrier_like(subdomain: &str, bits: f64) -> bool {
+    subdomain.len() >= 12 && bits >= 3.0
+}
+
+const BUCKETS: u64 = 60;
+const SAMPLES: usize = 5;
+/// Names remembered per (workload, domain); past that every query counts as
+/// new, which only errs towards detection.
+const MAX_NAMES: usize = 50_000;
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Bucket {
+    idx: u64,
+    queries: u64,
+    unusual: u64,
+    answers: u64,
+    nxdomain: u64,
+    encoded: f64,
+    carrier: f64,
+    name_bytes: u64,
+}
+
+#[derive(Debug, Default)]
+struct DomainState {
+    is_dirty: bool,
+    buckets: VecDeque<Bucket>,
+    names: HashMap<Box<str>, u64>,
+    samples: VecDeque<String>,
+    servers: HashMap<SocketAddr, u64>,
+    max_label: usize,
+    max_name: usize,
+    entropy_sum: f64,
+    entropy_n: u64,
+}
+
+impl DomainState {
+    fn bucket(&mut self, idx: u64) -> &mut Bucket {
+        if self.buckets.back().is_none_or(|b| b.idx != idx) {
+            self.buckets.push_back(Bucket {
+                idx,
+                ..Default::default()
+            });
+        }
+        self.buckets.back_mut().expect("pushed above")
+    }
+
+    fn expire(&mut self, first_idx: u64, first_ns: u64) {
+        let before = self.buckets.len();
+        while self.buckets.front().is_some_and(|b| b.idx < first_idx) {
+            self.buckets.pop_front();
+        }
+        if self.buckets.len() != before {
+            self.names.retain(|_, &mut seen| seen >= first_ns);
+            if self.buckets.is_empty() {
+                self.servers.clear();
+                self.samples.clear();
+                self.max_label = 0;
+                self.max_name = 0;
+                self.entropy_sum = 0.0;
+                self.entropy_n = 0;
+            }
+        }
+    }
+
+    fn sum(&self) -> Bucket {
+        let mut s = Bucket::default();
+        for b in &self.buckets {
+            s.queries += b.queries;
+            s.unusual += b.unusual;
+            s.answers += b.answers;
+            s.nxdomain += b.nxdomain;
+            s.encoded += b.encoded;
+            s.carrier += b.carrier;
+            s.name_bytes += b.name_bytes;
+        }
+        s
+    }
+
+    fn last_minute_queries(&self, now_idx: u64, per_minute: u64) -> u64 {
+        self.buckets
+            .iter()
+            .rev()
+            .take_while(|b| b.idx + per_minute > now_idx)
+            .map(|b| b.queries)
+            .sum()
+    }
+}
+
+/// Counts for the metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DnsStats {
+    /// Queries scored.
+    pub scored: u64,
+    /// Queries skipped (cluster, reverse, service, allowlisted, no domain).
+    pub skipped: u64,
+    /// (workload, domain) pairs tracked.
+    pub keys: usize,
+}
+
+/// The DNS detector.
+#[derive(Debug, Default)]
+pub struct DnsDetector {
+    workloads: HashMap<String, WorkloadDns>,
+    /// Workloads with a query since the last evaluation.
+    dirty: Vec<String>,
+    episodes: Episodes,
+    stats: DnsStats,
+    last_sweep_ns: u64,
+}
+
+/// One workload's domains, and its carrier bytes summed over them for the
+/// spread rule (kept as its own sliding window so the rule never has to walk
+/// every domain).
+#[derive(Debug, Default)]
+struct WorkloadDns {
+    domains: HashMap<String, DomainState>,
+    /// Domains with a query since the last evaluation.
+    dirty: Vec<String>,
+    is_dirty: bool,
+    carrier: VecDeque<(u64, f64)>,
+    carrier_sum: f64,
+    /// Domains that carried, with the bucket of their latest carrier name.
+    carrier_domains: HashMap<String, u64>,
+}
+
+impl WorkloadDns {
+    fn expire_carrier(&mut self, first_idx: u64) {
+        while self.carrier.front().is_some_and(|b| b.0 < first_idx) {
+            if let Some((_, v)) = self.carrier.pop_front() {
+                self.carrier_sum -= v;
+            }
+        }
+        if self.carrier.is_empty() {
+            // No float drift left behind.
+            self.carrier_sum = 0.0;
+        }
+        self.carrier_domains.retain(|_, &mut idx| idx >= first_idx);
+    }
+}
+
+fn bucket_ns(p: &Policy) -> u64 {
+    (p.dns.window.0.as_nanos() as u64 / BUCKETS).max(NS)
+}
+
+impl DnsDetector {
+    /// An empty detector.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Scores one question of a query sent by `workload`.
+    pub fn observe_query(
+        &mut self,
+        policy: &Policy,
+        workload: &str,
+        name: &str,
+        qtype: RecordType,
+        server: Option<SocketAddr>,
+        now_ns: u64,
+    ) -> Result<(), Skip> {
+        let split = match classify(policy, name, qtype) {
+            Ok(s) => s,
+            Err(skip) => {
+                self.stats.skipped += 1;
+                return Err(skip);
+            }
+        };
+        self.stats.scored += 1;
+        let idx = now_ns / bucket_ns(policy);
+        // Borrowed look-ups first: no allocation per query once a workload
+        // and domain are known.
+        if !self.workloads.contains_key(workload) {
+            self.workloads
+                .insert(workload.to_owned(), WorkloadDns::default());
+        }
+        let w = self.workloads.get_mut(workload).expect("inserted above");
+        if !w.is_dirty {
+            w.is_dirty = true;
+            self.dirty.push(workload.to_owned());
+        }
+        if !w.domains.contains_key(split.registered) {
+            w.domains
+                .insert(split.registered.to_owned(), DomainState::default());
+        }
+        let st = w.domains.get_mut(split.registered).expect("inserted above");
+        if !st.is_dirty {
+            st.is_dirty = true;
+            w.dirty.push(split.registered.to_owned());
+        }
+        let novel = match st.names.get_mut(name) {
+            Some(seen) => {
+                *seen = now_ns;
+                false
+            }
+            None => {
+                if st.names.len() < MAX_NAMES {
+                    st.names.insert(name.into(), now_ns);
+                }
+                true
+            }
+        };
+        let unusual = matches!(
+            qtype,
+            RecordType::TXT | RecordType::NULL | RecordType::CNAME | RecordType::ANY
+        );
+        let (enc, carrier) = if novel && !split.subdomain.is_empty() {
+            let chars: Vec<u8> = split.subdomain.bytes().filter(|&b| b != b'.').collect();
+            let bits = entropy(&chars);
+            let enc = chars.len() as f64 * bits / 8.0;
+            st.entropy_sum += bits;
+            st.entropy_n += 1;
+            if st.samples.len() < SAMPLES {
+                st.samples.push_back(name.to_owned());
+            }
+            (
+                enc,
+                if carrier_like(split.subdomain, bits) {
+                    enc
+                } else {
+                    0.0
+                },
+            )
+        } else {
+            (0.0, 0.0)
+        };
+        st.max_label = st
+            .max_label
+            .max(name.split('.').map(str::len).max().unwrap_or(0));
+        st.max_name = st.max_name.max(name.len());
+        if let Some(s) = server {
+            *st.servers.entry(s).or_default() += 1;
+        }
+        let b = st.bucket(idx);
+        b.queries += 1;
+        b.unusual += u64::from(unusual);
+        b.encoded += enc;
+        b.carrier += carrier;
+        b.name_bytes += name.len() as u64;
+        if carrier > 0.0 {
+            match w.carrier.back_mut() {
+                Some((i, v)) if *i == idx => *v += carrier,
+                _ => w.carrier.push_back((idx, carrier)),
+            }
+            w.carrier_sum += carrier;
+            match w.carrier_domains.get_mut(split.registered) {
+                Some(i) => *i = idx,
+                None => {
+                    w.carrier_domains.insert(split.registered.to_owned(), idx);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records an answer to `workload` for `name` (for the NXDOMAIN share).
+    pub fn observe_answer(
+        &mut self,
+        policy: &Policy,
+        workload: &str,
+        name: &str,
+        qtype: RecordType,
+        nxdomain: bool,
+        now_ns: u64,
+    ) {
+        let Ok(split) = classify(policy, name, qtype) else {
+            return;
+        };
+        let idx = now_ns / bucket_ns(policy);
+        if let Some(st) = self
+            .workloads
+            .get_mut(workload)
+            .and_then(|w| w.domains.get_mut(split.registered))
+        {
+            let b = st.bucket(idx);
+            b.answers += 1;
+            b.nxdomain += u64::from(nxdomain);
+        }
+    }
+
+    /// Parses a payload and feeds every question (queries) or the answer
+    /// code (answers). Returns the parse error for the caller to count.
+    pub fn observe_payload(
+        &mut self,
+        policy: &Policy,
+        workload: &str,
+        payload: &[u8],
+        tcp: bool,
+        server: Option<SocketAddr>,
+        now_ns: u64,
+    ) -> Result<DnsMessage, DnsParseError> {
+        let m = parse_payload(payload, tcp)?;
+        for (name, qtype) in &m.questions {
+            if m.response {
+                self.observe_answer(policy, workload, name, *qtype, m.nxdomain, now_ns);
+            } else {
+                let _ = self.observe_query(policy, workload, name, *qtype, server, now_ns);
+            }
+        }
+        Ok(m)
+    }
+
+    /// Expires old buckets and reports episode changes. Only what can have
+    /// changed is looked at: domains queried since the last call, domains and
+    /// workloads with an open episode, and, once a minute, everything (to
+    /// forget what left the window).
+    pub fn evaluate(&mut self, policy: &Policy, now_ns: u64) -> Vec<Detection> {
+        let bucket = bucket_ns(policy);
+        let now_idx = now_ns / bucket;
+        let first_idx = now_idx.saturating_sub(BUCKETS - 1);
+        let ctx = EvalCtx {
+            policy,
+            now_ns,
+            now_idx,
+            first_idx,
+            first_ns: first_idx * bucket,
+            window_ns: bucket * BUCKETS,
+            per_minute: (60 * NS).div_ceil(bucket).max(1),
+            every: policy.update_interval_ns(),
+        };
+        let sweep = now_ns.saturating_sub(self.last_sweep_ns) >= 60 * NS;
+        let mut out = Vec::new();
+        // (workload, domain) pairs to evaluate.
+        let mut keys: Vec<(String, String)> = Vec::new();
+        let mut workloads: Vec<String> = std::mem::take(&mut self.dirty);
+        for w in &workloads {
+            if let Some(wd) = self.workloads.get_mut(w) {
+                wd.is_dirty = false;
+                keys.extend(wd.dirty.drain(..).map(|d| (w.clone(), d)));
+            }
+        }
+        for rule in [Rule::DnsExfiltration, Rule::DnsTunnel] {
+            keys.extend(
+                self.episodes
+                    .open_keys(rule)
+                    .into_iter()
+                    .filter_map(|(w, d)| Some((w, d?))),
+            );
+        }
+        workloads.extend(self.episodes.open_subjects(Rule::DnsExfiltrationSpread));
+        if sweep {
+            self.last_sweep_ns = now_ns;
+            for (w, wd) in &self.workloads {
+                keys.extend(wd.domains.keys().map(|d| (w.clone(), d.clone())));
+                workloads.push(w.clone());
+            }
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        for (workload, domain) in keys {
+            let Some(st) = self
+                .workloads
+                .get_mut(&workload)
+                .and_then(|w| w.domains.get_mut(&domain))
+            else {
+                continue;
+            };
+            st.is_dirty = false;
+            st.expire(ctx.first_idx, ctx.first_ns);
+            evaluate_domain(&ctx, &mut self.episodes, &workload, &domain, st, &mut out);
+            let keep = !st.buckets.is_empty()
+                || [Rule::DnsExfiltration, Rule::DnsTunnel]
+                    .iter()
+                    .any(|&r| self.episodes.is_active((r, &workload, Some(&domain))));
+            if !keep && let Some(w) = self.workloads.get_mut(&workload) {
+                w.domains.remove(&domain);
+            }
+        }
+        workloads.sort_unstable();
+        workloads.dedup();
+        for w in workloads {
+            let Some(wd) = self.workloads.get_mut(&w) else {
+                // Forgotten while an episode was open: end it.
+                if let Some((phase, episode)) = self.episodes.step(
+                    (Rule::DnsExfiltrationSpread, &w, None),
+                    false,
+                    0.0,
+                    now_ns,
+                    ctx.every,
+                ) {
+                    out.push(spread_detection(
+                        &ctx,
+                        &w,
+                        phase,
+                        episode,
+                        0.0,
+                        DnsEvidence::default(),
+                    ));
+                }
+                continue;
+            };
+            wd.expire_carrier(ctx.first_idx);
+            let firing = wd.carrier_sum > policy.dns.spread_encoded_bytes as f64
+                && wd.carrier_domains.len() >= 2;
+            if let Some((phase, episode)) = self.episodes.step(
+                (Rule::DnsExfiltrationSpread, &w, None),
+                firing,
+                wd.carrier_sum,
+                now_ns,
+                ctx.every,
+            ) {
+                let ev = spread_evidence(wd);
+                out.push(spread_detection(
+                    &ctx,
+                    &w,
+                    phase,
+                    episode,
+                    wd.carrier_sum,
+                    ev,
+                ));
+            }
+            let open = self
+                .episodes
+                .is_active((Rule::DnsExfiltrationSpread, &w, None));
+            if wd.domains.is_empty() && wd.carrier.is_empty() && !open {
+                self.workloads.remove(&w);
+            }
+        }
+        self.stats.keys = self.workloads.values().map(|w| w.domains.len()).sum();
+        out
+    }
+
+    /// Counts for the metrics.
+    pub fn stats(&self) -> DnsStats {
+        self.stats
+    }
+}
+
+/// What one evaluation needs to know.
+struct EvalCtx<'a> {
+    policy: &'a Policy,
+    now_ns: u64,
+    now_idx: u64,
+    first_idx: u64,
+    first_ns: u64,
+    window_ns: u64,
+    per_minute: u64,
+    every: u64,
+}
+
+fn domain_evidence(st: &DomainState, s: &Bucket, domain: &str) -> DnsEvidence {
+    DnsEvidence {
+        queries: s.queries,
+        distinct_names: st.names.len() as u64,
+        max_label_len: st.max_label,
+        max_name_len: st.max_name,
+        mean_entropy: if st.entropy_n > 0 {
+            st.entropy_sum / st.entropy_n as f64
+        } else {
+            0.0
+        },
+        unusual_type_share: ratio(s.unusual, s.queries),
+        nxdomain_share: ratio(s.nxdomain, s.answers),
+        domains: vec![domain.to_owned()],
+        sample_queries: st.samples.iter().cloned().collect(),
+    }
+}
+
+/// The per-domain rules: encoded bytes and tunnel rate.
+fn evaluate_domain(
+    ctx: &EvalCtx<'_>,
+    episodes: &mut Episodes,
+    workload: &str,
+    domain: &str,
+    st: &DomainState,
+    out: &mut Vec<Detection>,
+) {
+    let s = st.sum();
+    let policy = ctx.policy;
+    let secs = policy.dns.window.0.as_secs();
+    let threshold = policy.dns.encoded_bytes;
+    let distinct = st.names.len() as u64;
+    let rate = st.last_minute_queries(ctx.now_idx, ctx.per_minute);
+    let limit = policy.dns.tunnel_queries_per_minute;
+    // Mostly new names: a busy client repeating a few names is not a tunnel.
+    let tunnel = rate > limit && distinct * 2 > s.queries;
+    let checks = [
+        (
+            Rule::DnsExfiltration,
+            s.encoded > threshold as f64,
+            s.encoded,
+            threshold as f64,
+            format!("estimated bytes encoded in new query names in {secs}s > {threshold}"),
+        ),
+        (
+            Rule::DnsTunnel,
+            tunnel,
+            rate as f64,
+            limit as f64,
+            format!("queries per minute to one domain > {limit}, mostly unique names"),
+        ),
+    ];
+    for (rule, firing, observed, threshold, condition) in checks {
+        let Some((phase, episode)) = episodes.step(
+            (rule, workload, Some(domain)),
+            firing,
+            observed,
+            ctx.now_ns,
+            ctx.every,
+        ) else {
+            continue;
+        };
+        let mut top: Vec<Destination> = st
+            .servers
+            .iter()
+            .map(|(sa, &n)| Destination {
+                addr: sa.ip(),
+                port: sa.port(),
+                bytes: n,
+            })
+            .collect();
+        top.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.addr.cmp(&b.addr)));
+        top.truncate(5);
+        out.push(Detection {
+            rule,
+            phase,
+            episode,
+            workload: workload.to_owned(),
+            subject: Some(domain.to_owned()),
+            observed,
+            threshold,
+            condition,
+            action: policy.action,
+            evidence: Evidence {
+                window_start_ns: ctx.now_ns.saturating_sub(ctx.window_ns),
+                window_end_ns: ctx.now_ns,
+                bytes: s.name_bytes,
+                allowlisted_bytes: 0,
+                top_destinations: top,
+                encoded_bytes: s.encoded.round() as u64,
+                dns: Some(domain_evidence(st, &s, domain)),
+            },
+        });
+    }
+}
+
+/// Evidence of the spread rule: the carrying domains, biggest first.
+fn spread_evidence(wd: &WorkloadDns) -> DnsEvidence {
+    let mut domains: Vec<(&String, f64, &DomainState)> = wd
+        .carrier_domains
+        .keys()
+        .filter_map(|d| wd.domains.get(d).map(|st| (d, st.sum().carrier, st)))
+        .collect();
+    domains.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(b.0)));
+    let mut ev = DnsEvidence::default();
+    for (d, _, st) in &domains {
+        let s = st.sum();
+        ev.queries += s.queries;
+        ev.distinct_names += st.names.len() as u64;
+        ev.max_label_len = ev.max_label_len.max(st.max_label);
+        ev.max_name_len = ev.max_name_len.max(st.max_name);
+        ev.domains.push((*d).clone());
+        for q in st.samples.iter().take(2) {
+            if ev.sample_queries.len() < SAMPLES {
+                ev.sample_queries.push(q.clone());
+            }
+        }
+    }
+    ev
+}
+
+fn spread_detection(
+    ctx: &EvalCtx<'_>,
+    workload: &str,
+    phase: super::Phase,
+    episode: u64,
+    carrier: f64,
+    ev: DnsEvidence,
+) -> Detection {
+    let limit = ctx.policy.dns.spread_encoded_bytes;
+    let secs = ctx.policy.dns.window.0.as_secs();
+    Detection {
+        rule: Rule::DnsExfiltrationSpread,
+        phase,
+        episode,
+        workload: workload.to_owned(),
+        subject: None,
+        observed: carrier,
+        threshold: limit as f64,
+        condition: format!(
+            "estimated bytes encoded in long dense names over several domains in {secs}s > {limit}"
+        ),
+        action: ctx.policy.action,
+        evidence: Evidence {
+            window_start_ns: ctx.now_ns.saturating_sub(ctx.window_ns),
+            window_end_ns: ctx.now_ns,
+            bytes: 0,
+            allowlisted_bytes: 0,
+            top_destinations: Vec::new(),
+            encoded_bytes: carrier.round() as u64,
+            dns: Some(ev),
+        },
+    }
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 { 0.0 } else { a as f64 / b as f64 }
+}
+
+/// Builds a DNS message in wire format (for generators, tests and fuzz
+/// seeds): a query for `name`, or an answer with `rcode`.
+pub fn build_message(
+    id: u16,
+    name: &str,
+    qtype: RecordType,
+    answer: Option<ResponseCode>,
+) -> Result<Vec<u8>, DnsParseError> {
+    let n = hickory_proto::rr::Name::from_ascii(name)
+        .map_err(|e| DnsParseError::Malformed(e.to_string()))?;
+    let mut m = match answer {
+        None => Message::new(id, MessageType::Query, hickory_proto::op::OpCode::Query),
+        Some(rc) => {
+            let mut m = Message::new(id, MessageType::Response, hickory_proto::op::OpCode::Query);
+            m.metadata.response_code = rc;
+            m
+        }
+    };
+    m.metadata.recursion_desired = true;
+    m.add_query(hickory_proto::op::Query::query(n, qtype));
+    m.to_vec()
+        .map_err(|e| DnsParseError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::Phase;
+
+    fn q(name: &str, t: RecordType) -> Vec<u8> {
+        build_message(7, name, t, None).unwrap()
+    }
+
+    #[test]
+    fn parses_udp_and_tcp_payloads() {
+        let wire = q("WWW.Example.COM", RecordType::A);
+        let m = parse_payload(&wire, false).unwrap();
+        assert!(!m.response);
+        assert_eq!(
+            m.questions,
+            vec![("www.example.com".to_owned(), RecordType::A)]
+        );
+        let mut tcp = (wire.len() as u16).to_be_bytes().to_vec();
+        tcp.extend_from_slice(&wire);
+        assert_eq!(parse_payload(&tcp, true).unwrap(), m);
+        assert!(matches!(
+            parse_payload(&tcp[..tcp.len() - 1], true),
+            Err(DnsParseError::TcpTruncated { .. })
+        ));
+        assert!(matches!(
+            parse_payload(&[0], true),
+            Err(DnsParseError::NoLengthPrefix(1))
+        ));
+        let nx = build_message(
+            7,
+            "nope.example.com",
+            RecordType::A,
+            Some(ResponseCode::NXDomain),
+        )
+        .unwrap();
+        let m = parse_payload(&nx, false).unwrap();
+        assert!(m.response && m.nxdomain);
+    }
+
+    #[test]
+    fn hostile_payloads_are_errors() {
+        // Every prefix of a valid message.
+        let wire = q("a.b.example.com", RecordType::TXT);
+        for n in 0..wire.len() {
+            assert!(parse_payload(&wire[..n], false).is_err(), "prefix {n}");
+        }
+        // A compression pointer to itself in the question name.
+        let mut lp = wire[..12].to_vec();
+        lp.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+        assert!(parse_payload(&lp, false).is_err());
+        // A label length of 64 (labels are at most 63).
+        let mut big = wire[..12].to_vec();
+        big.push(64);
+        big.extend_from_slice(&[b'a'; 64]);
+        big.extend_from_slice(&[0, 0, 1, 0, 1]);
+        assert!(parse_payload(&big, false).is_err());
+    }
+
+    #[test]
+    fn classification() {
+        fn c(n: &'static str, t: RecordType) -> Result<Split<'static>, Skip> {
+            let p = Policy::from_yaml("allowlist: {domains: [backup.example.net]}").unwrap();
+            classify(&p, n, t)
+        }
+        assert_eq!(
+            c("a.b.example.co.uk", RecordType::A),
+            Ok(Split {
+                registered: "example.co.uk",
+                subdomain: "a.b"
+            })
+        );
+        assert_eq!(
+            c("example.com", RecordType::A),
+            Ok(Split {
+                registered: "example.com",
+                subdomain: ""
+            })
+        );
+        assert_eq!(
+            c("api.ns.svc.cluster.local", RecordType::A),
+            Err(Skip::Cluster)
+        );
+        assert_eq!(
+            c("www.google.com.default.svc.cluster.local", RecordType::AAAA),
+            Err(Skip::Cluster)
+        );
+        assert_eq!(
+            c("4.3.2.1.in-addr.arpa", RecordType::PTR),
+            Err(Skip::Reverse)
+        );
+        assert_eq!(c("_dmarc.example.com", RecordType::TXT), Err(Skip::Service));
+        assert_eq!(
+            c("s1._domainkey.example.com", RecordType::TXT),
+            Err(Skip::Service)
+        );
+        assert_eq!(
+            c("_sip._tcp.example.com", RecordType::SRV),
+            Err(Skip::Service)
+        );
+        assert_eq!(
+            c("x.backup.example.net", RecordType::A),
+            Err(Skip::Allowlisted)
+        );
+        assert_eq!(c("com", RecordType::A), Err(Skip::NoRegisteredDomain));
+        // Private PSL entries: buckets are their own registered domains.
+        assert_eq!(
+            c("mybucket.s3.amazonaws.com", RecordType::A).map(|s| s.registered),
+            Ok("mybucket.s3.amazonaws.com")
+        );
+    }
+
+    #[test]
+    fn estimate_tracks_encoded_bytes() {
+        // 30 random-ish bytes in hex: 60 characters, ~4 bits each.
+        let hex = "3f9a0c7be41d5268af03c9e7b12d46f58a0e3c71d9b4f6022e8c5a17b3d9f0";
+        let e = encoded_estimate(hex);
+        assert!((25.0..=31.0).contains(&e), "{e}");
+        assert!(encoded_estimate("www") < 1.0);
+        assert_eq!(encoded_estimate(""), 0.0);
+    }
+
+    fn hexname(i: u64, domain: &str) -> String {
+        // 20 bytes of a deterministic stream as 40 hex characters.
+        let mut x = i.wrapping_mul(0x9e3779b97f4a7c15) | 1;
+        let mut s = String::new();
+        for _ in 0..20 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            s.push_str(&format!("{:02x}", x & 0xff));
+        }
+        format!("{s}.{domain}")
+    }
+
+    #[test]
+    fn low_and_slow_caught_within_ten_minutes_once() {
+        let p = Policy::default();
+        let mut d = DnsDetector::new();
+        let mut starts = Vec::new();
+        // 20 bytes every 2 s: 10 B/s.
+        for i in 0..300 {
+            let t = i * 2 * NS;
+            d.observe_query(
+                &p,
+                "w",
+                &hexname(i, "leak.example.org"),
+                RecordType::A,
+                None,
+                t,
+            )
+            .unwrap();
+            for det in d.evaluate(&p, t) {
+                if det.phase == Phase::Start {
+                    starts.push((t, det));
+                }
+            }
+        }
+        assert_eq!(starts.len(), 1, "{starts:?}");
+        let (t, det) = &starts[0];
+        assert!(*t < 600 * NS, "caught at {}s", t / NS);
+        assert_eq!(det.rule, Rule::DnsExfiltration);
+        assert_eq!(det.subject.as_deref(), Some("example.org"));
+        assert!(det.evidence.encoded_bytes > 2400);
+        let dns = det.evidence.dns.as_ref().unwrap();
+        assert_eq!(dns.sample_queries.len(), 5);
+        assert!(dns.mean_entropy > 3.5);
+    }
+
+    #[test]
+    fn exactly_at_threshold_and_window_expiry() {
+        let p = Policy::from_yaml("dns: {encoded_bytes: 100, window: 60s}").unwrap();
+        let mut d = DnsDetector::new();
+        // "abcdefgh" x 4 distinct labels: 8 chars x 3 bits / 8 = 3 bytes each.
+        let mut total = 0.0;
+        let mut i = 0;
+        while total + 3.0 <= 100.0 {
+            let name = format!("abcdefgh{i:0>0}.x.example.com");
+            let sub = name.trim_end_matches(".example.com").to_owned();
+            total += encoded_estimate(&sub);
+            d.observe_query(&p, "w", &name, RecordType::A, None, NS)
+                .unwrap();
+            i += 1;
+            if i > 1000 {
+                break;
+            }
+        }
+        assert!(total <= 100.0);
+        assert!(
+            d.evaluate(&p, NS).is_empty(),
+            "at or below threshold fired ({total})"
+        );
+        d.observe_query(
+            &p,
+            "w",
+            "zzzzqqqqwwwweeee.example.com",
+            RecordType::A,
+            None,
+            2 * NS,
+        )
+        .unwrap();
+        let ds = d.evaluate(&p, 2 * NS);
+        assert_eq!(ds.len(), 1);
+        assert_eq!(ds[0].phase, Phase::Start);
+        // A minute later everything has left the window: the episode ends.
+        let ds = d.evaluate(&p, 62 * NS);
+        assert_eq!(
+            ds.iter().map(|d| d.phase).collect::<Vec<_>>(),
+            vec![Phase::End]
+        );
+    }
+
+    #[test]
+    fn fast_tunnel_is_a_tunnel() {
+        let p = Policy::default();
+        let mut d = DnsDetector::new();
+        let mut rules = Vec::new();
+        for i in 0..2000u64 {
+            let t = i * NS / 40; // 2400 queries a minute
+            d.observe_query(
+                &p,
+                "w",
+                &hexname(i, "t.tunnel.example"),
+                RecordType::NULL,
+                None,
+                t,
+            )
+            .unwrap();
+            if i % 40 == 0 {
+                rules.extend(d.evaluate(&p, t).into_iter().map(|d| (d.rule, d.phase)));
+            }
+        }
+        assert!(
+            rules.contains(&(Rule::DnsTunnel, Phase::Start)),
+            "{rules:?}"
+        );
+        assert!(
+            rules.contains(&(Rule::DnsExfiltration, Phase::Start)),
+            "{rules:?}"
+        );
+        assert_eq!(rules.iter().filter(|r| r.1 == Phase::Start).count(), 2);
+    }
+
+    #[test]
+    fn spread_over_sibling_domains() {
+        let p = Policy::default();
+        let mut d = DnsDetector::new();
+        let domains = [
+            "cdn-sync1.com",
+            "cdn-sync2.net",
+            "cdn-sync3.org",
+            "cdn-sync4.io",
+        ];
+        let mut got = None;
+        // 10 B/s over four domains: each stays under the per-domain threshold
+        // for the whole window.
+        for i in 0..300u64 {
+            let t = i * 2 * NS;
+            let dom = domains[(i % 4) as usize];
+            d.observe_query(&p, "w", &hexname(i, dom), RecordType::A, None, t)
+                .unwrap();
+            for det in d.evaluate(&p, t) {
+                assert_ne!(det.rule, Rule::DnsExfiltration, "per-domain fired: {det:?}");
+                if det.rule == Rule::DnsExfiltrationSpread && got.is_none() {
+                    got = Some((t, det));
+                }
+            }
+        }
+        let (t, det) = got.expect("spread not detected");
+        assert!(t < 600 * NS);
+        assert_eq!(det.evidence.dns.unwrap().domains.len(), 4);
+    }
+
+    #[test]
+    fn quiet_on_ordinary_traffic() {
+        let p = Policy::default();
+        let mut d = DnsDetector::new();
+        let names = [
+            "www.google.com",
+            "api.github.com",
+            "d1a2b3c4d5e6f7.cloudfront.net",
+            "e12345.dsce9.akamaiedge.net",
+            "s3.us-west-2.amazonaws.com",
+            "api.ns.svc.cluster.local",
+            "www.example.com.default.svc.cluster.local",
+            "_dmarc.example.com",
+            "sel1._domainkey.example.com",
+            "10.1.0.10.in-addr.arpa",
+            "_https._tcp.example.com",
+        ];
+        for i in 0..36_000u64 {
+            let t = i * NS / 10;
+            let n = names[(i % names.len() as u64) as usize];
+            let _ = d.observe_query(&p, "w", n, RecordType::A, None, t);
+            if i % 10 == 0 {
+                assert!(d.evaluate(&p, t).is_empty(), "fired at {n}");
+            }
+        }
+    }
+}
