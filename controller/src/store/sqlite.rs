@@ -1021,6 +1021,35 @@ mod tests {
     }
 
     #[test]
+    fn change_events_carry_only_the_newest_timeline_entries() {
+        let (_dir, store) = open_temp();
+        hello(&store, "n1");
+        let batch: Vec<Ingest> = (1..=20)
+            .map(|s| detection("n1", s, "db-0", Severity::High, 7))
+            .collect();
+        let outcomes = store.ingest(&batch, &ResponsePolicy::default()).unwrap();
+        let Some(IngestOutcome::Stored(effects)) = outcomes.last() else {
+            panic!("not stored")
+        };
+        let Some(Effect::Incident { incident, .. }) = effects.first() else {
+            panic!("no incident effect")
+        };
+        assert_eq!(incident.timeline.len(), EVENT_TIMELINE_TAIL as usize);
+        assert!(
+            incident
+                .timeline
+                .last()
+                .unwrap()
+                .cause
+                .contains("detection d20"),
+            "{:?}",
+            incident.timeline
+        );
+        // GetIncident still has all of it.
+        assert_eq!(store.get_incident(&incident.id).unwrap().timeline.len(), 20);
+    }
+
+    #[test]
     fn a_newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.db");
