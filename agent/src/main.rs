@@ -1,5 +1,5 @@
 //! `exfilguard-agent`: the node daemon.
-use std::{path::PathBuf, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -8,7 +8,10 @@ use exfilguard_agent::{
     cidr::IpNet,
     clock,
     datapath::{self, Datapath, DatapathConfig, Event},
+    detect::{Detection, Phase},
+    engine::Engine,
     flows::FlowTracker,
+    metrics::Metrics,
     policy::Policy,
     telemetry,
 };
@@ -93,9 +96,21 @@ struct RunArgs {
     /// How often counters are read.
     #[arg(long, default_value = "1s", value_parser = humantime_secs)]
     poll_interval: Duration,
-    /// Print flow deltas and DNS events as JSON lines on stdout.
+    /// Print flow deltas, DNS events and detections as JSON lines on stdout.
     #[arg(long)]
     print: bool,
+    /// Policy YAML (thresholds, allowlists, overrides, action). Re-read on
+    /// SIGHUP; a bad file is rejected and the policy in force stays.
+    /// Default: the runbook's thresholds.
+    #[arg(long, env = "EXFILGUARD_POLICY")]
+    policy: Option<PathBuf>,
+    /// cgroup v2 mount, for attributing cgroup ids to workloads.
+    #[arg(long, env = "EXFILGUARD_CGROUP_ROOT", default_value = "/sys/fs/cgroup")]
+    cgroup_root: PathBuf,
+    /// Address of the Prometheus `/metrics`, `/healthz` and `/readyz`
+    /// endpoints; `off` disables them.
+    #[arg(long, env = "EXFILGUARD_METRICS_ADDR", default_value = "0.0.0.0:9464")]
+    metrics_addr: String,
 }
 
 fn humantime_secs(s: &str) -> Result<Duration, String> {
@@ -206,7 +221,32 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         internal,
         poll_interval,
         print,
+        policy: policy_path,
+        cgroup_root,
+        metrics_addr,
     } = args;
+    let policy = match &policy_path {
+        Some(p) => Policy::load(p).with_context(|| format!("policy {}", p.display()))?,
+        None => Policy::default(),
+    };
+    let metrics = Arc::new(Metrics::new());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = if metrics_addr == "off" {
+        None
+    } else {
+        let addr: std::net::SocketAddr = metrics_addr
+            .parse()
+            .with_context(|| format!("--metrics-addr {metrics_addr:?}"))?;
+        let mut rx = stop_rx.clone();
+        let (bound, task) = exfilguard_agent::metrics::serve(addr, metrics.clone(), async move {
+            let _ = rx.changed().await;
+        })
+        .await
+        .with_context(|| format!("serving metrics on {addr}"))?;
+        tracing::info!(%bound, "metrics on /metrics, /healthz, /readyz");
+        Some(task)
+    };
+    let mut engine = Engine::new(cgroup_root, policy, policy_path.clone(), metrics.clone());
     let pinned = !no_pin;
     let config = DatapathConfig {
         cgroup_path: cgroup,
@@ -236,11 +276,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
 
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
+            _ = sighup.recv() => match engine.reload() {
+                Ok(true) => tracing::info!(policy = ?policy_path, "policy reloaded"),
+                Ok(false) => tracing::info!("SIGHUP without --policy: nothing to reload"),
+                Err(e) => tracing::error!(error = %e, "policy rejected; the previous policy stays in force"),
+            },
             _ = ticker.tick() => {
                 let snapshot = dp.flows()?;
                 let deltas = tracker.update(&snapshot);
@@ -254,13 +300,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                         println!("{line}");
                     }
                 }
+                engine.flows(&deltas);
+                for d in engine.evaluate(clock::kernel_now_ns()) {
+                    report(&d, print);
+                }
                 let stats = dp.stats()?;
+                let programs = dp.program_stats().unwrap_or_default();
+                metrics.kernel(&stats, snapshot.len() as u64, &programs);
+                metrics.set_ready(true);
                 tracing::debug!(flows = snapshot.len(), deltas = deltas.len(), ?stats, "poll");
                 dp.flush_logs();
             }
             guard = events_fd.readable() => {
                 let mut guard = guard.context("waiting on the ring buffer")?;
                 for ev in dp.drain_events(4096) {
+                    if let Ok(Event::Dns(r)) = &ev {
+                        engine.dns(r);
+                    }
                     match ev {
                         Ok(Event::Dns(r)) if print => {
                             let at = clock::kernel_to_wall(r.timestamp_ns)
@@ -294,5 +350,46 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!("shutting down: detaching programs");
     }
     drop(dp);
+    metrics.set_ready(false);
+    let _ = stop_tx.send(true);
+    if let Some(task) = server {
+        match task.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "metrics server"),
+            Err(e) => tracing::warn!(error = %e, "metrics server task"),
+            Ok(Ok(())) => {}
+        }
+    }
     Ok(())
+}
+
+/// Logs a detection (warn on start, info otherwise) and prints it as a JSON
+/// line with `--print`. Evidence times are on the kernel's monotonic clock;
+/// the printed line adds wall-clock milliseconds.
+fn report(d: &Detection, print: bool) {
+    let wall = |ns: u64| {
+        clock::kernel_to_wall(ns)
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64
+    };
+    let top = d.evidence.top_destinations.first();
+    if d.phase == Phase::Start {
+        tracing::warn!(
+            rule = d.rule.as_str(), workload = %d.workload, subject = ?d.subject,
+            observed = d.observed, threshold = d.threshold, action = ?d.action,
+            bytes = d.evidence.bytes, encoded_bytes = d.evidence.encoded_bytes,
+            top = ?top.map(|t| (t.addr, t.port, t.bytes)),
+            "detection: {}", d.condition
+        );
+    } else {
+        tracing::info!(
+            rule = d.rule.as_str(), workload = %d.workload, subject = ?d.subject,
+            phase = ?d.phase, episode = d.episode, observed = d.observed, "detection episode"
+        );
+    }
+    if print {
+        let line = serde_json::json!({"detection": d, "window_start_unix_ms": wall(d.evidence.window_start_ns),
+            "window_end_unix_ms": wall(d.evidence.window_end_ns)});
+        println!("{line}");
+    }
 }

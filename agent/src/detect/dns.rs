@@ -20,7 +20,7 @@ use hickory_proto::{
 };
 
 use super::{Destination, Detection, DnsEvidence, Episodes, Evidence, NS, Rule, entropy};
-use crate::policy::Policy;
+use crate::policy::{Action, Policy, WorkloadMeta};
 
 /// Why a payload is not a DNS message we can use.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -279,6 +279,8 @@ struct WorkloadDns {
     carrier_sum: f64,
     /// Domains that carried, with the bucket of their latest carrier name.
     carrier_domains: HashMap<String, u64>,
+    /// Namespace and labels, for the policy's overrides.
+    meta: WorkloadMeta,
 }
 
 impl WorkloadDns {
@@ -446,7 +448,45 @@ impl DnsDetector {
         server: Option<SocketAddr>,
         now_ns: u64,
     ) -> Result<DnsMessage, DnsParseError> {
+        self.observe_payload_of(
+            policy,
+            workload,
+            &WorkloadMeta::default(),
+            payload,
+            tcp,
+            server,
+            now_ns,
+        )
+    }
+
+    /// [`Self::observe_payload`] for a workload whose namespace and labels
+    /// are known, so the policy's overrides apply to it.
+    #[expect(clippy::too_many_arguments, reason = "one DNS record, spelled out")]
+    pub fn observe_payload_of(
+        &mut self,
+        policy: &Policy,
+        workload: &str,
+        meta: &WorkloadMeta,
+        payload: &[u8],
+        tcp: bool,
+        server: Option<SocketAddr>,
+        now_ns: u64,
+    ) -> Result<DnsMessage, DnsParseError> {
         let m = parse_payload(payload, tcp)?;
+        match self.workloads.get_mut(workload) {
+            Some(w) if w.meta != *meta => w.meta = meta.clone(),
+            Some(_) => {}
+            None if m.response => {}
+            None => {
+                self.workloads.insert(
+                    workload.to_owned(),
+                    WorkloadDns {
+                        meta: meta.clone(),
+                        ..Default::default()
+                    },
+                );
+            }
+        }
         for (name, qtype) in &m.questions {
             if m.response {
                 self.observe_answer(policy, workload, name, *qtype, m.nxdomain, now_ns);
@@ -505,16 +545,23 @@ impl DnsDetector {
         keys.sort_unstable();
         keys.dedup();
         for (workload, domain) in keys {
-            let Some(st) = self
-                .workloads
-                .get_mut(&workload)
-                .and_then(|w| w.domains.get_mut(&domain))
-            else {
+            let Some(wd) = self.workloads.get_mut(&workload) else {
+                continue;
+            };
+            let eff = policy.effective(&wd.meta);
+            let Some(st) = wd.domains.get_mut(&domain) else {
                 continue;
             };
             st.is_dirty = false;
             st.expire(ctx.first_idx, ctx.first_ns);
-            evaluate_domain(&ctx, &mut self.episodes, &workload, &domain, st, &mut out);
+            let (threshold, action) = (eff.dns_encoded_bytes, eff.action);
+            evaluate_domain(
+                &ctx,
+                &mut self.episodes,
+                (&workload, &domain, threshold, action),
+                st,
+                &mut out,
+            );
             let keep = !st.buckets.is_empty()
                 || [Rule::DnsExfiltration, Rule::DnsTunnel]
                     .iter()
@@ -617,15 +664,13 @@ fn domain_evidence(st: &DomainState, s: &Bucket, domain: &str) -> DnsEvidence {
 fn evaluate_domain(
     ctx: &EvalCtx<'_>,
     episodes: &mut Episodes,
-    workload: &str,
-    domain: &str,
+    (workload, domain, threshold, action): (&str, &str, u64, Action),
     st: &DomainState,
     out: &mut Vec<Detection>,
 ) {
     let s = st.sum();
     let policy = ctx.policy;
     let secs = policy.dns.window.0.as_secs();
-    let threshold = policy.dns.encoded_bytes;
     let distinct = st.names.len() as u64;
     let rate = st.last_minute_queries(ctx.now_idx, ctx.per_minute);
     let limit = policy.dns.tunnel_queries_per_minute;
@@ -677,7 +722,7 @@ fn evaluate_domain(
             observed,
             threshold,
             condition,
-            action: policy.action,
+            action,
             evidence: Evidence {
                 window_start_ns: ctx.now_ns.saturating_sub(ctx.window_ns),
                 window_end_ns: ctx.now_ns,
@@ -988,6 +1033,32 @@ mod tests {
             ds.iter().map(|d| d.phase).collect::<Vec<_>>(),
             vec![Phase::End]
         );
+    }
+
+    #[test]
+    fn namespace_override_raises_the_threshold_and_sets_the_action() {
+        let p = Policy::from_yaml(
+            "action: lockdown\noverrides: [{namespace: etl, dns_encoded_bytes: 1000000, action: dry-run}]",
+        )
+        .unwrap();
+        let etl = WorkloadMeta {
+            namespace: Some("etl".into()),
+            ..Default::default()
+        };
+        let mut d = DnsDetector::new();
+        let mut fired = Vec::new();
+        for i in 0..300 {
+            let t = i * 2 * NS;
+            for (w, meta) in [("etl-pod", &etl), ("web-pod", &WorkloadMeta::default())] {
+                let wire =
+                    build_message(1, &hexname(i, "leak.example.org"), RecordType::A, None).unwrap();
+                d.observe_payload_of(&p, w, meta, &wire, false, None, t)
+                    .unwrap();
+            }
+            fired.extend(d.evaluate(&p, t));
+        }
+        assert!(fired.iter().all(|x| x.workload == "web-pod"), "{fired:?}");
+        assert_eq!(fired[0].action, Action::Lockdown);
     }
 
     #[test]
