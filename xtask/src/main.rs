@@ -6,6 +6,7 @@
 mod bench;
 mod build;
 mod cargo;
+mod certs;
 mod demo;
 mod process;
 mod setup;
@@ -40,6 +41,8 @@ enum Command {
     Test(test::Options),
     /// Run the benchmarks and write target/bench/results.json.
     Bench,
+    /// Make a development CA and controller, agent and client certificates.
+    Certs(certs::Options),
     /// Run the end-to-end demo (not yet).
     Demo,
 }
@@ -97,6 +100,7 @@ fn run() -> anyhow::Result<()> {
         Command::Build(options) => build::run(&setup.env, &options).context("build"),
         Command::Test(options) => test::run(&setup.env, &options).context("test"),
         Command::Bench => bench::run(&setup.env, &root).context("bench"),
+        Command::Certs(options) => certs::run(&setup.env, &options).context("certs"),
         Command::Demo => {
             demo::run();
             Ok(())

@@ -9,6 +9,7 @@ mod apt;
 mod bpf_core;
 mod elf;
 mod linker;
+mod python;
 mod rustdoc_src;
 
 use std::{
@@ -19,7 +20,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-pub use self::bpf_core::CoreSource;
+pub use self::{bpf_core::CoreSource, python::interpreter as python_interpreter};
 use crate::{cargo::BuildEnv, process};
 
 /// The toolchain aya-build compiles the eBPF crate with (`Toolchain::default()`
@@ -73,6 +74,8 @@ pub fn run() -> anyhow::Result<Outcome> {
     ensure_lint_tools(&default_sysroot, &mut installed)?;
     let core = bpf_core::ensure(&nightly, &mut installed).context("`core` for the BPF target")?;
     linker::ensure(&nightly, &mut installed).context("bpf-linker")?;
+    python::ensure(&crate::workspace_root(), &mut installed)
+        .context("Python environment for the gRPC interoperability test")?;
 
     Ok(Outcome {
         env: BuildEnv {

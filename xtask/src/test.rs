@@ -110,7 +110,12 @@ fn run_stages(
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "1")
             // A kernel test that cannot run must fail here, not skip.
-            .env("EXFILGUARD_REQUIRE_KERNEL_TESTS", "1");
+            .env("EXFILGUARD_REQUIRE_KERNEL_TESTS", "1")
+            // The interpreter with the gRPC packages setup installed.
+            .env(
+                "EXFILGUARD_PYTHON",
+                crate::setup::python_interpreter(&crate::workspace_root()),
+            );
         eprintln!("     Running {}", executable.display());
         let (status, mut binary_counts) = run_counting(&mut cmd)?;
         if !status.success() && binary_counts.failed == 0 {

@@ -22,6 +22,9 @@ pub const PACKAGES: &[&str] = &[
     // the namespaces; the machine's own Python may live outside the PATH
     // `ip netns exec` passes on.
     "python3",
+    // ...and python3-venv makes the environment the gRPC interoperability
+    // test's packages go into (setup/python.rs).
+    "python3-venv",
     // tests/ and whoever debugs them: captures, and the programs, maps and
     // links the agent loaded.
     "tcpdump",
