@@ -21,12 +21,41 @@ pub struct Benchmark {
 }
 
 /// Every benchmark `cargo xtask bench` runs, in order.
-const BENCHMARKS: &[Benchmark] = &[Benchmark {
-    name: "datapath",
-    about: "egress program cost per packet (BPF_PROG_TEST_RUN), live bpf_stats, \
+const BENCHMARKS: &[Benchmark] = &[
+    Benchmark {
+        name: "datapath",
+        about: "egress program cost per packet (BPF_PROG_TEST_RUN), live bpf_stats, \
             TCP throughput attached vs detached (iperf3)",
-    run: datapath,
-}];
+        run: datapath,
+    },
+    Benchmark {
+        name: "controller",
+        about: "500 simulated agents over mutual TLS for 60 s: stored msg/s, ack latency, RSS",
+        run: controller,
+    },
+];
+
+/// Runs the controller's load generator (controller/examples/loadgen.rs)
+/// against a real controller process and reads its measures.
+fn controller(env: &BuildEnv) -> anyhow::Result<Vec<Measure>> {
+    let out = Path::new(RESULTS_DIR).join("controller.json");
+    process::run(&mut env.cargo([
+        "build",
+        "--release",
+        "--quiet",
+        "--package",
+        "exfilguard-controller",
+        "--bins",
+        "--examples",
+    ]))?;
+    process::run(
+        std::process::Command::new("target/release/examples/loadgen")
+            .arg("--json")
+            .arg(&out),
+    )?;
+    let text = fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", out.display()))
+}
 
 /// Runs `tests/src/bin/datapath-bench.rs` (needs root) and reads its measures.
 fn datapath(env: &BuildEnv) -> anyhow::Result<Vec<Measure>> {
