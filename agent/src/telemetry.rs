@@ -9,8 +9,12 @@ pub fn init(default_filter: &str, json: bool) {
     let registry = tracing_subscriber::registry().with(filter);
     // Errors only when a subscriber is already set (tests): keep that one.
     let _ = if json {
-        registry.with(fmt::layer().json()).try_init()
+        registry
+            .with(fmt::layer().json().with_writer(std::io::stderr))
+            .try_init()
     } else {
-        registry.with(fmt::layer()).try_init()
+        registry
+            .with(fmt::layer().with_writer(std::io::stderr))
+            .try_init()
     };
 }
