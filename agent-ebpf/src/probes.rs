@@ -394,15 +394,7 @@ fn account(cgroup_id: u64, pkt: &Packet, len: u64, now: u64, external: bool) {
         _pad: [0; 4],
     };
     if let Some(v) = FLOWS.get_ptr_mut(&key) {
-        // SAFETY: this CPU's slot of a live map value.
-        let v = unsafe { &mut *v };
-        v.bytes += len;
-        v.packets += 1;
-        if v.first_seen_ns == 0 {
-            v.first_seen_ns = now;
-        }
-        v.last_seen_ns = now;
-        v.external = external as u8;
+        charge(v, len, now, external);
         return;
     }
     let value = FlowValue {
@@ -417,17 +409,25 @@ fn account(cgroup_id: u64, pkt: &Packet, len: u64, now: u64, external: bool) {
         Ok(()) => bump(Stat::FlowsInserted, 1),
         // Another CPU inserted it first: charge this CPU's (zeroed) slot.
         Err(_) => match FLOWS.get_ptr_mut(&key) {
-            Some(v) => {
-                let v = unsafe { &mut *v };
-                v.bytes += len;
-                v.packets += 1;
-                v.first_seen_ns = now;
-                v.last_seen_ns = now;
-                v.external = external as u8;
-            }
+            Some(v) => charge(v, len, now, external),
             None => bump(Stat::FlowInsertErrors, 1),
         },
     }
+}
+
+/// Adds one packet to this CPU's slot of a flow (zeroed if this CPU never
+/// saw the flow before).
+#[inline(always)]
+fn charge(v: *mut FlowValue, len: u64, now: u64, external: bool) {
+    // SAFETY: this CPU's slot of a live map value; no other CPU writes it.
+    let v = unsafe { &mut *v };
+    v.bytes += len;
+    v.packets += 1;
+    if v.first_seen_ns == 0 {
+        v.first_seen_ns = now;
+    }
+    v.last_seen_ns = now;
+    v.external = external as u8;
 }
 
 /// Copies a DNS payload (bounded) into the ring buffer.

@@ -57,33 +57,13 @@ pub fn remove_pins(dir: &Path) -> Result<Vec<PathBuf>, DatapathError> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
-        Err(source) => {
-            return Err(DatapathError::Io {
-                op: "list",
-                path: dir.to_owned(),
-                source,
-            });
-        }
+        Err(e) => return Err(DatapathError::io("list", dir)(e)),
     };
     for entry in entries {
-        let path = entry
-            .map_err(|source| DatapathError::Io {
-                op: "list",
-                path: dir.to_owned(),
-                source,
-            })?
-            .path();
-        fs::remove_file(&path).map_err(|source| DatapathError::Io {
-            op: "unpin",
-            path: path.clone(),
-            source,
-        })?;
+        let path = entry.map_err(DatapathError::io("list", dir))?.path();
+        fs::remove_file(&path).map_err(DatapathError::io("unpin", &path))?;
         removed.push(path);
     }
-    fs::remove_dir(dir).map_err(|source| DatapathError::Io {
-        op: "remove",
-        path: dir.to_owned(),
-        source,
-    })?;
+    fs::remove_dir(dir).map_err(DatapathError::io("remove", dir))?;
     Ok(removed)
 }

@@ -329,11 +329,7 @@ impl Datapath {
             }
         };
 
-        let cgroup = File::open(cgroup_path).map_err(|source| DatapathError::Io {
-            op: "open",
-            path: cgroup_path.clone(),
-            source,
-        })?;
+        let cgroup = File::open(cgroup_path).map_err(DatapathError::io("open", cgroup_path))?;
         let cgroup_id = cgroup_id(cgroup_path).map_err(DatapathError::io("stat", cgroup_path))?;
         let mut reattached = false;
         let mut created_links = Vec::new();

@@ -1,12 +1,7 @@
 //! Checks run before anything is loaded, so a machine that cannot run the
 //! agent gets one clear message saying what is wrong and what to do, and
 //! nothing is left half-attached.
-use std::{
-    ffi::CString,
-    fs,
-    os::unix::ffi::OsStrExt as _,
-    path::{Path, PathBuf},
-};
+use std::{ffi::CString, fs, os::unix::ffi::OsStrExt as _, path::Path};
 
 use super::DatapathError;
 
@@ -31,24 +26,16 @@ pub fn check(cgroup_path: &Path) -> Result<(), DatapathError> {
     if !Path::new(VMLINUX_BTF).exists() {
         return Err(DatapathError::MissingBtf);
     }
-    check_capabilities(&fs::read_to_string("/proc/self/status").map_err(|source| {
-        DatapathError::Io {
-            op: "read",
-            path: PathBuf::from("/proc/self/status"),
-            source,
-        }
-    })?)?;
+    let status = Path::new("/proc/self/status");
+    check_capabilities(&fs::read_to_string(status).map_err(DatapathError::io("read", status))?)?;
     check_cgroup2(cgroup_path)
 }
 
 fn kernel_release() -> Result<String, DatapathError> {
-    fs::read_to_string("/proc/sys/kernel/osrelease")
+    let path = Path::new("/proc/sys/kernel/osrelease");
+    fs::read_to_string(path)
         .map(|s| s.trim().to_owned())
-        .map_err(|source| DatapathError::Io {
-            op: "read",
-            path: PathBuf::from("/proc/sys/kernel/osrelease"),
-            source,
-        })
+        .map_err(DatapathError::io("read", path))
 }
 
 /// Fails on kernels older than [`MIN_KERNEL`].
@@ -100,11 +87,7 @@ pub(crate) fn check_cgroup2(path: &Path) -> Result<(), DatapathError> {
         Ok(_) => Err(DatapathError::NotCgroup2 {
             path: path.to_owned(),
         }),
-        Err(source) => Err(DatapathError::Io {
-            op: "statfs",
-            path: path.to_owned(),
-            source,
-        }),
+        Err(e) => Err(DatapathError::io("statfs", path)(e)),
     }
 }
 
