@@ -2,15 +2,19 @@
 //! records to workloads, feeds the detectors under the policy in force, and
 //! counts what it sees. The `run` loop and the kernel tests drive the same
 //! engine.
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    path::PathBuf,
+    sync::Arc,
+};
 
 use crate::{
-    attribution::Resolver,
+    attribution::{Resolver, Workload},
     datapath::events::{DnsDirection, DnsRecord},
     detect::{Detection, Phase, dns::DnsDetector, volume::VolumeDetector},
     flows::FlowDelta,
     metrics::{EgressLabels, Metrics, RuleLabel, WorkloadLabel},
-    policy::{Policy, PolicyError},
+    policy::{HardCap, Policy, PolicyError},
 };
 
 /// Detectors, attribution and policy, together.
@@ -22,6 +26,14 @@ pub struct Engine {
     volume: VolumeDetector,
     dns: DnsDetector,
     metrics: Arc<Metrics>,
+    /// cgroup ids seen per workload id: a Block or cap for a workload covers
+    /// every container cgroup of it, not only the one a detection names.
+    cgroups: HashMap<String, BTreeSet<u64>>,
+    /// The hard cap last pushed to the kernel per cgroup (by policy, not by
+    /// the controller's SetCap, which `caps` never overrides).
+    caps: BTreeMap<u64, Option<HardCap>>,
+    /// cgroups whose cap the controller set; policy leaves them alone.
+    pinned_caps: BTreeSet<u64>,
 }
 
 impl Engine {
@@ -40,12 +52,78 @@ impl Engine {
             volume: VolumeDetector::new(),
             dns: DnsDetector::new(),
             metrics,
+            cgroups: HashMap::new(),
+            caps: BTreeMap::new(),
+            pinned_caps: BTreeSet::new(),
         }
     }
 
     /// The policy in force.
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// Replaces the policy in force (e.g. one pushed by the controller).
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.policy = Arc::new(policy);
+        self.resolver.forget_unattributed();
+    }
+
+    /// The workload of a cgroup id.
+    pub fn workload(&mut self, cgroup_id: u64) -> Workload {
+        self.resolver.resolve(cgroup_id).clone()
+    }
+
+    /// Every cgroup id seen for the workload of `cgroup_id`, itself included.
+    pub fn sibling_cgroups(&mut self, cgroup_id: u64) -> BTreeSet<u64> {
+        let id = self.resolver.resolve(cgroup_id).id.clone();
+        let mut out = self.cgroups.get(&id).cloned().unwrap_or_default();
+        out.insert(cgroup_id);
+        out
+    }
+
+    /// A cgroup id seen for `workload_id` (the lowest, so it is stable).
+    pub fn cgroup_of(&self, workload_id: &str) -> Option<u64> {
+        self.cgroups
+            .get(workload_id)
+            .and_then(|s| s.iter().next().copied())
+    }
+
+    /// Marks a cgroup's cap as set by the controller (or cleared by it), so
+    /// the policy's cap does not override it.
+    pub fn cap_set_by_controller(&mut self, cgroup_id: u64) {
+        self.pinned_caps.insert(cgroup_id);
+        self.caps.remove(&cgroup_id);
+    }
+
+    /// The policy's hard caps that differ from what the kernel was last told,
+    /// per seen cgroup: `Some(cap)` to set, `None` to clear. The caller
+    /// applies them and confirms each with [`Engine::cap_applied`].
+    pub fn cap_changes(&mut self) -> Vec<(u64, Option<HardCap>)> {
+        let mut out = Vec::new();
+        let ids: Vec<(String, u64)> = self
+            .cgroups
+            .iter()
+            .flat_map(|(w, s)| s.iter().map(move |c| (w.clone(), *c)))
+            .collect();
+        for (_, cg) in ids {
+            if self.pinned_caps.contains(&cg) {
+                continue;
+            }
+            let meta = self.resolver.resolve(cg).meta.clone();
+            let want = self.policy.effective(&meta).hard_cap;
+            match self.caps.get(&cg) {
+                Some(have) if *have == want => {}
+                None if want.is_none() => {}
+                _ => out.push((cg, want)),
+            }
+        }
+        out
+    }
+
+    /// Records that the kernel now holds `cap` for `cgroup_id`.
+    pub fn cap_applied(&mut self, cgroup_id: u64, cap: Option<HardCap>) {
+        self.caps.insert(cgroup_id, cap);
     }
 
     /// Re-reads the policy file. A bad file is rejected and the policy in
@@ -72,6 +150,16 @@ impl Engine {
     pub fn flows(&mut self, deltas: &[FlowDelta]) {
         for d in deltas {
             let w = self.resolver.resolve(d.id.cgroup_id);
+            if !self
+                .cgroups
+                .get(&w.id)
+                .is_some_and(|s| s.contains(&d.id.cgroup_id))
+            {
+                self.cgroups
+                    .entry(w.id.clone())
+                    .or_default()
+                    .insert(d.id.cgroup_id);
+            }
             let class = if !d.external {
                 "internal"
             } else if self.policy.allowlisted_addr(d.id.remote) {
@@ -102,6 +190,16 @@ impl Engine {
     /// Feeds one DNS payload from the kernel.
     pub fn dns(&mut self, r: &DnsRecord) {
         let w = self.resolver.resolve(r.cgroup_id);
+        if !self
+            .cgroups
+            .get(&w.id)
+            .is_some_and(|s| s.contains(&r.cgroup_id))
+        {
+            self.cgroups
+                .entry(w.id.clone())
+                .or_default()
+                .insert(r.cgroup_id);
+        }
         match self.dns.observe_payload_of(
             &self.policy,
             &w.id,

@@ -4,7 +4,8 @@
 //! capture ([`datapath`]), the agent collects deltas ([`flows`]) and DNS
 //! payloads ([`datapath::events`]), attributes them to workloads
 //! ([`attribution`]), the detectors ([`detect`]) turn them into detections
-//! under the [`policy`], and [`stream`] carries them to the controller.
+//! under the [`policy`], and [`stream`] carries them to the controller
+//! ([`uplink`] converts them and applies the controller's commands).
 pub mod analyze;
 pub mod attribution;
 pub mod cidr;
@@ -17,3 +18,4 @@ pub mod metrics;
 pub mod policy;
 pub mod stream;
 pub mod telemetry;
+pub mod uplink;

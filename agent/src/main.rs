@@ -13,8 +13,10 @@ use exfilguard_agent::{
     flows::FlowTracker,
     metrics::Metrics,
     policy::Policy,
-    telemetry,
+    stream::{StreamConfig, StreamHandle, TlsFiles},
+    telemetry, uplink,
 };
+use exfilguard_proto::v1::{self as pb, AckStatus, Capability};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
@@ -36,7 +38,7 @@ struct Cli {
 enum Command {
     /// Load and attach the programs, then poll counters and events until
     /// SIGINT/SIGTERM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Replay a capture (pcap or pcapng) through the detectors and print what
     /// they find. The workload is the client address.
     ///
@@ -111,6 +113,89 @@ struct RunArgs {
     /// endpoints; `off` disables them.
     #[arg(long, env = "EXFILGUARD_METRICS_ADDR", default_value = "0.0.0.0:9464")]
     metrics_addr: String,
+    #[command(flatten)]
+    controller: ControllerArgs,
+}
+
+/// Where detections and flow reports go, and who we are to the controller.
+/// Without `--controller` the agent runs standalone: it detects, logs and
+/// enforces its own policy's hard caps, and nothing contains automatically.
+#[derive(clap::Args, Debug)]
+struct ControllerArgs {
+    /// Controller endpoint, `https://host:port` (`http://` with `--insecure`).
+    #[arg(long, env = "EXFILGUARD_CONTROLLER")]
+    controller: Option<String>,
+    /// This node's name (must match the agent certificate). Default: the host name.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// CA certificate that signed the controller's certificate (PEM).
+    #[arg(long, env = "EXFILGUARD_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// This agent's certificate (PEM, role agent).
+    #[arg(long, env = "EXFILGUARD_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "EXFILGUARD_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Name to verify in the controller's certificate (default: the endpoint's host).
+    #[arg(long, env = "EXFILGUARD_TLS_SERVER_NAME")]
+    tls_server_name: Option<String>,
+    /// Talk to the controller in plain text (development only; logs a warning).
+    #[arg(long)]
+    insecure: bool,
+    /// Directory of the on-disk journal that holds messages until the
+    /// controller has stored them.
+    #[arg(
+        long,
+        env = "EXFILGUARD_JOURNAL_DIR",
+        default_value = "/var/lib/exfilguard/journal"
+    )]
+    journal_dir: PathBuf,
+    /// Journal size limit in bytes; when full, the oldest flow reports go first.
+    #[arg(long, default_value_t = 64 << 20)]
+    journal_max_bytes: u64,
+    /// How often per-workload egress is reported to the controller.
+    #[arg(long, default_value = "10s", value_parser = humantime_secs)]
+    report_interval: Duration,
+}
+
+impl ControllerArgs {
+    /// The stream configuration, or `None` standalone.
+    fn stream_config(&self) -> anyhow::Result<Option<StreamConfig>> {
+        let Some(endpoint) = &self.controller else {
+            return Ok(None);
+        };
+        let node = match &self.node_name {
+            Some(n) => n.clone(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .context("reading the host name (or pass --node-name)")?
+                .trim()
+                .to_string(),
+        };
+        let mut config = StreamConfig::new(endpoint.clone(), node, &self.journal_dir);
+        config.journal_max_bytes = self.journal_max_bytes;
+        config.kernel_release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        config.capabilities = vec![Capability::Block, Capability::HardCap, Capability::Dns];
+        config.tls = match (&self.tls_ca, &self.tls_cert, &self.tls_key, self.insecure) {
+            (Some(ca), Some(cert), Some(key), false) => Some(TlsFiles {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+                server_name: self.tls_server_name.clone(),
+            }),
+            (None, None, None, true) => {
+                tracing::warn!(%endpoint, "--insecure: the controller stream is plain text and unauthenticated");
+                None
+            }
+            (_, _, _, true) => anyhow::bail!("--insecure and --tls-* exclude each other"),
+            _ => anyhow::bail!(
+                "--controller needs --tls-ca, --tls-cert and --tls-key (or --insecure for plain text)"
+            ),
+        };
+        Ok(Some(config))
+    }
 }
 
 fn humantime_secs(s: &str) -> Result<Duration, String> {
@@ -135,7 +220,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init("info", cli.log_json);
     match cli.command {
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(*args).await,
         Command::Analyze(args) => analyze(args),
         Command::Cleanup { pin_dir } => {
             let removed = datapath::bpffs::remove_pins(&pin_dir)
@@ -224,7 +309,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         policy: policy_path,
         cgroup_root,
         metrics_addr,
+        controller,
     } = args;
+    let stream_config = controller.stream_config()?;
     let policy = match &policy_path {
         Some(p) => Policy::load(p).with_context(|| format!("policy {}", p.display()))?,
         None => Policy::default(),
@@ -246,7 +333,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!(%bound, "metrics on /metrics, /healthz, /readyz");
         Some(task)
     };
-    let mut engine = Engine::new(cgroup_root, policy, policy_path.clone(), metrics.clone());
+    let mut engine = Engine::new(
+        cgroup_root.clone(),
+        policy,
+        policy_path.clone(),
+        metrics.clone(),
+    );
     let pinned = !no_pin;
     let config = DatapathConfig {
         cgroup_path: cgroup,
@@ -278,12 +370,41 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
 
+    let stream = match stream_config {
+        Some(c) => {
+            tracing::info!(endpoint = %c.endpoint, node = %c.node_name, journal = %c.journal_dir.display(), "streaming to the controller");
+            let node = c.node_name.clone();
+            let h = StreamHandle::start(c).context("opening the stream journal")?;
+            Some((h, node))
+        }
+        None => {
+            tracing::info!("standalone: no --controller, detections are logged only");
+            None
+        }
+    };
+    let mut commands = stream.as_ref().and_then(|(h, _)| h.commands());
+    let mut reports = uplink::FlowReports::new(now_ms());
+    let mut report_ticker = tokio::time::interval(controller.report_interval);
+    report_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The controller's policy, laid over the file's (and again after SIGHUP).
+    let mut policy_version = uplink::PolicyVersion::default();
+    let mut controller_policy: Option<pb::PolicyUpdate> = None;
+    let mut cap_windows: std::collections::HashMap<u64, u64> = Default::default();
+
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = sighup.recv() => match engine.reload() {
-                Ok(true) => tracing::info!(policy = ?policy_path, "policy reloaded"),
+                Ok(true) => {
+                    tracing::info!(policy = ?policy_path, "policy reloaded");
+                    if let Some(u) = &controller_policy {
+                        match uplink::merge_policy(engine.policy(), u) {
+                            Ok(p) => engine.set_policy(p),
+                            Err(e) => tracing::error!(error = %e, "controller policy no longer fits the reloaded file; the file's policy is in force"),
+                        }
+                    }
+                }
                 Ok(false) => tracing::info!("SIGHUP without --policy: nothing to reload"),
                 Err(e) => tracing::error!(error = %e, "policy rejected; the previous policy stays in force"),
             },
@@ -301,9 +422,26 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     }
                 }
                 engine.flows(&deltas);
+                if stream.is_some() {
+                    reports.add(&deltas, |cg| {
+                        let w = engine.workload(cg);
+                        let pw = uplink::workload(&w, cg, &cgroup_root);
+                        (w.id, pw)
+                    });
+                }
                 for d in engine.evaluate(clock::kernel_now_ns()) {
                     report(&d, print);
+                    if let Some((h, node)) = &stream {
+                        let cg = engine.cgroup_of(&d.workload).unwrap_or(0);
+                        let w = engine.workload(cg);
+                        if let Some(pd) = uplink::detection(&d, node, uplink::workload(&w, cg, &cgroup_root))
+                            && let Err(e) = h.send_detection(pd).await
+                        {
+                            tracing::error!(error = %e, rule = d.rule.as_str(), "detection not journaled");
+                        }
+                    }
                 }
+                apply_policy_caps(&mut dp, &mut engine);
                 let stats = dp.stats()?;
                 let programs = dp.program_stats().unwrap_or_default();
                 metrics.kernel(&stats, snapshot.len() as u64, &programs);
@@ -330,17 +468,59 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                             }});
                             println!("{line}");
                         }
-                        Ok(Event::Cap(c)) => tracing::warn!(
-                            cgroup_id = c.cgroup_id, budget = c.budget_bytes, spent = c.spent_bytes,
-                            "hard cap spent: external egress dropped until the window ends"
-                        ),
+                        Ok(Event::Cap(c)) => {
+                            tracing::warn!(
+                                cgroup_id = c.cgroup_id, budget = c.budget_bytes, spent = c.spent_bytes,
+                                "hard cap spent: external egress dropped until the window ends"
+                            );
+                            // The kernel says so once per CPU and window: report once.
+                            let fresh = cap_windows.insert(c.cgroup_id, c.window) != Some(c.window);
+                            if let (Some((h, node)), true) = (&stream, fresh) {
+                                let w = engine.workload(c.cgroup_id);
+                                let window = dp.cap_status(c.cgroup_id).ok().flatten().map(|s| s.window).unwrap_or_default();
+                                let pd = cap_detection(node, uplink::workload(&w, c.cgroup_id, &cgroup_root), c.budget_bytes, c.spent_bytes, window);
+                                if let Err(e) = h.send_detection(pd).await {
+                                    tracing::error!(error = %e, "cap detection not journaled");
+                                }
+                            }
+                        }
                         Ok(_) => {}
                         Err(e) => tracing::warn!(error = %e, "malformed kernel event"),
                     }
                 }
                 guard.clear_ready();
             }
+            _ = report_ticker.tick(), if stream.is_some() => {
+                if let (Some((h, _)), Some(r)) = (&stream, reports.take(now_ms()))
+                    && let Err(e) = h.send_flow_report(r).await
+                {
+                    tracing::error!(error = %e, "flow report not journaled");
+                }
+            }
+            Some(cmd) = recv(&mut commands) => {
+                let Some((h, _)) = &stream else { continue };
+                let base = match &policy_path {
+                    // The file is the base the controller's fields lay over.
+                    Some(_) => engine.policy().clone(),
+                    None => Policy::default(),
+                };
+                let result = uplink::apply(&cmd.payload, &mut dp, &mut engine, &base, &mut policy_version);
+                if let (Ok(_), pb::controller_message::Payload::PolicyUpdate(u)) = (&result, &cmd.payload) {
+                    controller_policy = Some(u.clone());
+                }
+                let (status, detail) = uplink::ack_status(&result);
+                if status == AckStatus::Ok {
+                    tracing::warn!(seq = cmd.seq, "controller command applied: {detail}");
+                } else {
+                    tracing::error!(seq = cmd.seq, "controller command failed: {detail}");
+                }
+                h.ack_command(cmd.seq, status, detail);
+            }
         }
+    }
+    if let Some((h, _)) = stream {
+        // What is not acknowledged stays in the journal for the next run.
+        h.shutdown().await;
     }
     if pinned {
         tracing::info!(
@@ -360,6 +540,70 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The next command, or never when there is no stream.
+async fn recv(
+    commands: &mut Option<tokio::sync::mpsc::Receiver<exfilguard_agent::stream::Command>>,
+) -> Option<exfilguard_agent::stream::Command> {
+    match commands {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Pushes the policy's hard caps (base or per override) to the kernel for the
+/// cgroups seen so far; the kernel enforces them even while the agent is down.
+fn apply_policy_caps(dp: &mut Datapath, engine: &mut Engine) {
+    for (cg, cap) in engine.cap_changes() {
+        let r = match &cap {
+            Some(c) => dp.set_cap(cg, c.bytes, c.window.0),
+            None => dp.clear_cap(cg).map(|_| ()),
+        };
+        match r {
+            Ok(()) => {
+                tracing::info!(cgroup_id = cg, cap = ?cap.as_ref().map(|c| (c.bytes, c.window.0)), "policy hard cap in the kernel");
+                engine.cap_applied(cg, cap);
+            }
+            Err(e) => {
+                tracing::error!(cgroup_id = cg, error = %e, "could not set the policy's hard cap")
+            }
+        }
+    }
+}
+
+/// A detection for a spent hard cap: the kernel already drops the rest.
+fn cap_detection(
+    node: &str,
+    workload: pb::Workload,
+    budget: u64,
+    spent: u64,
+    window: Duration,
+) -> pb::Detection {
+    let window_s = window.as_secs();
+    pb::Detection {
+        detection_id: format!("{node}-cap-{}-{}", workload.cgroup_id, now_ms()),
+        kind: pb::DetectionKind::CapExhausted as i32,
+        severity: pb::Severity::High as i32,
+        workload: Some(workload),
+        detected_at_unix_ms: now_ms(),
+        summary: format!(
+            "hard cap spent: {spent} of {budget} bytes per {window_s} s; external egress dropped in the kernel until the window ends"
+        ),
+        bytes_estimate: spent,
+        window_seconds: u32::try_from(window_s).unwrap_or(u32::MAX),
+        threshold: budget,
+        evidence: None,
+        // The kernel has contained it already; the incident is for humans.
+        action: pb::PolicyAction::Alert as i32,
+    }
 }
 
 /// Logs a detection (warn on start, info otherwise) and prints it as a JSON

@@ -205,6 +205,19 @@ impl Session {
                 incident_id: u.incident_id.clone(),
                 what: "Unblock",
             }),
+            // Not tied to an incident: the answer is logged, not put on a timeline.
+            controller_message::Payload::PolicyUpdate(_) => Some(PendingCommand {
+                incident_id: String::new(),
+                what: "PolicyUpdate",
+            }),
+            controller_message::Payload::SetCap(c) => Some(PendingCommand {
+                incident_id: String::new(),
+                what: if c.bytes == 0 {
+                    "cap removal"
+                } else {
+                    "SetCap"
+                },
+            }),
             _ => None,
         };
         if let Some(p) = pending {
@@ -293,6 +306,14 @@ impl Session {
                 ack.detail.chars().take(512).collect::<String>()
             ),
         };
+        if pending.incident_id.is_empty() {
+            if matches!(status, AckStatus::Ok | AckStatus::Duplicate) {
+                tracing::info!(node = %self.node, what = pending.what, detail = %ack.detail, "agent applied command");
+            } else {
+                tracing::warn!(node = %self.node, what = pending.what, detail = %ack.detail, "agent could not apply command");
+            }
+            return Ok(());
+        }
         let store = self.store.clone();
         let actor = format!("agent:{}", self.node);
         tokio::task::spawn_blocking(move || {
@@ -469,6 +490,11 @@ impl AgentGateway for Gateway {
         for block in blocks {
             session
                 .command(controller_message::Payload::Block(block))
+                .await;
+        }
+        if let Some(policy) = self.hub.policy() {
+            session
+                .command(controller_message::Payload::PolicyUpdate(policy))
                 .await;
         }
         tokio::spawn(run_session(

@@ -11,7 +11,7 @@ use std::{
     },
 };
 
-use exfilguard_proto::v1::{IncidentEvent, controller_message};
+use exfilguard_proto::v1::{IncidentEvent, PolicyUpdate, controller_message};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::{
@@ -33,6 +33,8 @@ pub struct Hub {
     nodes: Mutex<HashMap<String, Connection>>,
     next_id: AtomicU64,
     events: broadcast::Sender<IncidentEvent>,
+    /// The detector policy every agent gets (none: agents keep their own).
+    policy: Mutex<Option<PolicyUpdate>>,
 }
 
 /// A node's registration; unregisters when dropped (the stream ended).
@@ -60,6 +62,7 @@ impl Hub {
             nodes: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             events,
+            policy: Mutex::new(None),
         })
     }
 
@@ -104,6 +107,30 @@ impl Hub {
             .ok()
             .and_then(|n| n.get(node).map(|c| c.commands.send(command).is_ok()))
             .unwrap_or(false)
+    }
+
+    /// The agent policy in force, sent to each agent after Welcome.
+    pub fn policy(&self) -> Option<PolicyUpdate> {
+        self.policy.lock().ok().and_then(|p| p.clone())
+    }
+
+    /// Replaces the agent policy and sends it to every connected agent;
+    /// returns how many were sent it (the others get it when they connect).
+    pub fn set_policy(&self, update: PolicyUpdate) -> usize {
+        if let Ok(mut p) = self.policy.lock() {
+            *p = Some(update.clone());
+        }
+        let Ok(nodes) = self.nodes.lock() else {
+            return 0;
+        };
+        nodes
+            .values()
+            .filter(|c| {
+                c.commands
+                    .send(controller_message::Payload::PolicyUpdate(update.clone()))
+                    .is_ok()
+            })
+            .count()
     }
 
     /// Subscribes to incident events from now on.

@@ -17,6 +17,7 @@ pub mod gateway;
 pub mod hub;
 pub mod ingest;
 pub mod json;
+pub mod node_policy;
 pub mod report;
 pub mod server;
 pub mod store;

@@ -45,6 +45,8 @@ pub struct ServerConfig {
     pub max_streams_per_connection: u32,
     /// Response policy.
     pub policy: ResponsePolicy,
+    /// Detector policy pushed to every agent (`--agent-policy`), re-read on SIGHUP.
+    pub agent_policy: Option<PathBuf>,
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>> {
@@ -52,6 +54,33 @@ fn read(path: &PathBuf) -> Result<Vec<u8>> {
         path: path.display().to_string(),
         source,
     })
+}
+
+/// Re-reads the agent policy on SIGHUP and pushes it; a bad file is
+/// refused and the policy in force stays.
+fn spawn_policy_reload(path: PathBuf, hub: Arc<Hub>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler: the agent policy is not reloadable");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match crate::node_policy::load(&path) {
+                Ok(update) => {
+                    let version = update.version;
+                    let sent = hub.set_policy(update);
+                    tracing::info!(version, agents = sent, "agent policy reloaded and pushed");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "agent policy rejected; the previous one stays in force");
+                }
+            }
+        }
+    });
 }
 
 /// Serves until `shutdown` resolves.
@@ -71,6 +100,12 @@ pub async fn serve(
         .map_err(|e| Error::Unavailable(format!("store task: {e}")))?
         .map(Arc::new)?;
     let hub = Hub::new(1024);
+    if let Some(path) = &config.agent_policy {
+        let update = crate::node_policy::load(path)?;
+        tracing::info!(path = %path.display(), version = update.version, "agent policy loaded");
+        hub.set_policy(update);
+        spawn_policy_reload(path.clone(), hub.clone());
+    }
     let ingestor = Ingestor::start(store.clone(), hub.clone(), config.policy, 16 * 1024)?;
     let max_msg = config.limits.max_message_bytes;
 

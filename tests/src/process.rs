@@ -267,3 +267,25 @@ impl Drop for ChildGuard {
         }
     }
 }
+
+/// A binary of the workspace (`exfilguard-agent`, `exfilguard-controller`,
+/// `exfilctl`): in `EXFILGUARD_BIN_DIR` (set by `cargo xtask test`, which
+/// builds them first), else next to this test executable's `deps/` directory.
+pub fn workspace_bin(name: &str) -> std::path::PathBuf {
+    let dir = std::env::var_os("EXFILGUARD_BIN_DIR")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|e| e.parent()?.parent().map(Path::to_path_buf))
+        })
+        .expect("no EXFILGUARD_BIN_DIR and no test executable path");
+    let bin = dir.join(name);
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first (`cargo build -p exfilguard-agent -p exfilguard-controller`), \
+         or run the tests with `cargo xtask test`",
+        bin.display()
+    );
+    bin
+}

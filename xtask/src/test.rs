@@ -91,6 +91,7 @@ fn run_stages(
     }
 
     stage("kernel tests (root)");
+    let bin_dir = build_binaries(env)?;
     let binaries = build_kernel_tests(env)?;
     if binaries.is_empty() {
         bail!("cargo built no test binary for {KERNEL_TESTS_PACKAGE}");
@@ -111,6 +112,7 @@ fn run_stages(
             .env("RUST_BACKTRACE", "1")
             // A kernel test that cannot run must fail here, not skip.
             .env("EXFILGUARD_REQUIRE_KERNEL_TESTS", "1")
+            .env("EXFILGUARD_BIN_DIR", &bin_dir)
             // The interpreter with the gRPC packages setup installed.
             .env(
                 "EXFILGUARD_PYTHON",
@@ -188,6 +190,32 @@ struct TestBinary {
 }
 
 /// Builds the kernel tests without running them, and lists their executables.
+/// Builds the agent and controller binaries the end-to-end kernel tests
+/// start as processes; returns the directory they are in.
+fn build_binaries(env: &BuildEnv) -> anyhow::Result<PathBuf> {
+    let mut cmd = env.cargo([
+        "build",
+        "--package",
+        "exfilguard-agent",
+        "--package",
+        "exfilguard-controller",
+        "--bins",
+        "--message-format=json-render-diagnostics",
+    ]);
+    let stdout = process::stdout(&mut cmd)?;
+    for line in stdout.lines().filter(|line| line.starts_with('{')) {
+        let message: Value = serde_json::from_str(line)
+            .with_context(|| format!("cargo printed a line that is not JSON: {line}"))?;
+        if message["reason"] == "compiler-artifact"
+            && let Some(exe) = message["executable"].as_str()
+            && let Some(dir) = Path::new(exe).parent()
+        {
+            return Ok(dir.to_path_buf());
+        }
+    }
+    bail!("cargo built no binary for exfilguard-agent / exfilguard-controller")
+}
+
 fn build_kernel_tests(env: &BuildEnv) -> anyhow::Result<Vec<TestBinary>> {
     let mut cmd = env.cargo([
         "test",

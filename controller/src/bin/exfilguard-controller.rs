@@ -115,6 +115,11 @@ struct Serve {
     /// Response to high detections.
     #[arg(long, value_enum, default_value = "alert")]
     high_action: Action,
+    /// Detector policy (YAML) pushed to every agent and re-read on SIGHUP:
+    /// volume_threshold_bytes, volume_window, action, internal_cidrs,
+    /// allow_cidrs, allow_domains, egress_proxy_cidrs, hard_cap {bytes, window}.
+    #[arg(long, env = "EXFILGUARD_AGENT_POLICY")]
+    agent_policy: Option<PathBuf>,
 }
 
 fn init_tracing(json: bool) {
@@ -184,6 +189,7 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
             high: args.high_action.into(),
             low: PolicyAction::Alert,
         },
+        agent_policy: args.agent_policy,
     };
     server::serve(config, listener, shutdown_signal())
         .await

@@ -96,6 +96,10 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX egress_window ON egress(window_end_ms);
     "#,
+    // 2: find the incident an agent's episode (detection_id) belongs to.
+    r#"
+    CREATE INDEX detections_episode ON detections(node, detection_id);
+    "#,
 ];
 
 /// The SQLite store.
@@ -424,15 +428,40 @@ impl SqliteStore {
             d.summary
         );
         let mut effects = Vec::new();
-        let (id, kind, state) = match active {
+        // An update of an episode whose incident a responder already released
+        // (or resolved) stays with that incident: releasing a false positive
+        // must not re-open and re-contain it on the episode's next update.
+        let released = if active.is_none() && !d.detection_id.is_empty() {
+            tx.query_row(
+                "SELECT i.id, i.state FROM detections d JOIN incidents i ON i.id = d.incident_id
+                 WHERE d.node = ?1 AND d.detection_id = ?2 AND i.state NOT IN (1, 2)
+                 ORDER BY d.seq DESC LIMIT 1",
+                params![msg.node, d.detection_id],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, i32>(1)?)),
+            )
+            .optional()
+            .map_err(Error::store("find episode"))?
+        } else {
+            None
+        };
+        let (id, kind, state) = match active.or(released) {
             Some((id, state)) => {
+                // Updates of one episode repeat its cumulative bytes: keep
+                // the largest estimate rather than summing repeats.
                 tx.execute(
                     "UPDATE incidents SET updated_ms = ?2, detection_count = detection_count + 1,
-                        bytes_estimate = bytes_estimate + ?3, severity = MAX(severity, ?4), summary = ?5
+                        bytes_estimate = MAX(bytes_estimate, ?3), severity = MAX(severity, ?4), summary = ?5
                      WHERE id = ?1",
                     params![id, now, d.bytes_estimate, d.severity, d.summary],
                 )
                 .map_err(Error::store("update incident"))?;
+                let cause = if is_active(state) {
+                    cause
+                } else {
+                    format!(
+                        "{cause} (the episode goes on after the incident was closed; not re-contained)"
+                    )
+                };
                 add_timeline(tx, &id, now, &actor, &cause, state)?;
                 (id, IncidentEventKind::Updated, state)
             }
@@ -950,10 +979,28 @@ mod tests {
             store.get_incident("EXFIL-nope").unwrap_err(),
             Error::NotFound { .. }
         ));
+        // The same episode (detection id) going on after the release stays
+        // with the released incident: not re-opened, not re-contained.
+        let mut update = detection("n1", 2, "db-0", Severity::Critical, 42);
+        if let Payload::Detection(d) = &mut update.payload {
+            d.detection_id = "d1".into();
+            d.bytes_estimate = 300;
+        }
+        let out = store.ingest(&[update], &ResponsePolicy::default()).unwrap();
+        let IngestOutcome::Stored(effects) = &out[0] else {
+            panic!("not stored")
+        };
+        assert!(
+            !effects.iter().any(|e| matches!(e, Effect::Block { .. })),
+            "re-contained a released episode: {effects:?}"
+        );
+        let after = store.get_incident(&block.2).unwrap();
+        assert_eq!(after.state, IncidentState::Released as i32);
+        assert_eq!((after.detection_count, after.bytes_estimate), (2, 300));
         // A new detection after release opens a new episode.
         store
             .ingest(
-                &[detection("n1", 2, "db-0", Severity::High, 42)],
+                &[detection("n1", 3, "db-0", Severity::High, 42)],
                 &ResponsePolicy::default(),
             )
             .unwrap();
@@ -971,10 +1018,8 @@ mod tests {
             causes.iter().any(|c| c.starts_with("lockdown:")),
             "{causes:?}"
         );
-        assert!(
-            causes.last().unwrap().contains("false positive"),
-            "{causes:?}"
-        );
+        assert!(causes[2].contains("false positive"), "{causes:?}");
+        assert!(causes[3].contains("not re-contained"), "{causes:?}");
     }
 
     #[test]
