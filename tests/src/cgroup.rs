@@ -71,6 +71,28 @@ impl TestCgroup {
         Self::under(&cgroup_root())
     }
 
+    /// Creates a cgroup with a chosen (readable) name under `root`, e.g. a
+    /// workload of the demo lab. The caller keeps names unique; a name that
+    /// exists already is an error, so nobody else's cgroup is ever adopted.
+    pub fn named_under(root: &Path, name: &str) -> Self {
+        assert!(
+            is_cgroup2(root),
+            "{} is not a cgroup v2 mount (set {CGROUP_ROOT_ENV})",
+            root.display()
+        );
+        let path = root.join(name);
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("create cgroup {}: {e}", path.display()));
+        let mut cg = Self {
+            name: name.to_string(),
+            path,
+            id: 0,
+        };
+        cg.id = fs::metadata(&cg.path)
+            .unwrap_or_else(|e| panic!("stat cgroup {}: {e}", cg.path.display()))
+            .ino();
+        cg
+    }
+
     /// Creates the cgroup under an explicit cgroup v2 directory.
     pub fn under(root: &Path) -> Self {
         assert!(

@@ -270,14 +270,21 @@ impl Drop for ChildGuard {
 
 /// A binary of the workspace (`exfilguard-agent`, `exfilguard-controller`,
 /// `exfilctl`): in `EXFILGUARD_BIN_DIR` (set by `cargo xtask test`, which
-/// builds them first), else next to this test executable's `deps/` directory.
+/// builds them first), else in the profile directory this executable was
+/// built into.
 pub fn workspace_bin(name: &str) -> std::path::PathBuf {
     let dir = std::env::var_os("EXFILGUARD_BIN_DIR")
         .map(std::path::PathBuf::from)
         .or_else(|| {
-            std::env::current_exe()
-                .ok()
-                .and_then(|e| e.parent()?.parent().map(Path::to_path_buf))
+            // Test executables live in `target/<profile>/deps`, binaries in
+            // `target/<profile>`.
+            let exe = std::env::current_exe().ok()?;
+            let dir = exe.parent()?;
+            Some(if dir.ends_with("deps") {
+                dir.parent()?.to_path_buf()
+            } else {
+                dir.to_path_buf()
+            })
         })
         .expect("no EXFILGUARD_BIN_DIR and no test executable path");
     let bin = dir.join(name);

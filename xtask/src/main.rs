@@ -43,8 +43,9 @@ enum Command {
     Bench,
     /// Make a development CA and controller, agent and client certificates.
     Certs(certs::Options),
-    /// Run the end-to-end demo (not yet).
-    Demo,
+    /// A live exfiltration in a namespace lab, caught and contained by the
+    /// agent and the controller (root). `--keep` leaves it running.
+    Demo(demo::Options),
 }
 
 fn main() -> ExitCode {
@@ -101,10 +102,7 @@ fn run() -> anyhow::Result<()> {
         Command::Test(options) => test::run(&setup.env, &options).context("test"),
         Command::Bench => bench::run(&setup.env, &root).context("bench"),
         Command::Certs(options) => certs::run(&setup.env, &options).context("certs"),
-        Command::Demo => {
-            demo::run();
-            Ok(())
-        }
+        Command::Demo(options) => demo::run(&setup.env, &options).context("demo"),
     }
 }
 
