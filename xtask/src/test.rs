@@ -190,7 +190,7 @@ struct TestBinary {
 }
 
 /// Builds the kernel tests without running them, and lists their executables.
-/// Builds the agent and controller binaries the end-to-end kernel tests
+/// Builds the agent, controller and lab binaries the end-to-end kernel tests
 /// start as processes; returns the directory they are in.
 fn build_binaries(env: &BuildEnv) -> anyhow::Result<PathBuf> {
     let mut cmd = env.cargo([
@@ -199,6 +199,8 @@ fn build_binaries(env: &BuildEnv) -> anyhow::Result<PathBuf> {
         "exfilguard-agent",
         "--package",
         "exfilguard-controller",
+        "--package",
+        "exfilguard-lab",
         "--bins",
         "--message-format=json-render-diagnostics",
     ]);
