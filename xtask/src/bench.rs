@@ -33,7 +33,39 @@ const BENCHMARKS: &[Benchmark] = &[
         about: "500 simulated agents over mutual TLS for 60 s: stored msg/s, ack latency, RSS",
         run: controller,
     },
+    Benchmark {
+        name: "contain",
+        about: "the demo's lab: 10 bulk uploads across 100 MB (detection, containment p50/p95, \
+            bytes past the threshold) and the hard cap's overshoot",
+        run: contain,
+    },
 ];
+
+/// Runs the lab's time-to-contain benchmark (xtask/lab/src/bench.rs) on
+/// release builds of the agent and controller (needs root).
+fn contain(env: &BuildEnv) -> anyhow::Result<Vec<Measure>> {
+    let out = Path::new(RESULTS_DIR).join("contain.json");
+    process::run(&mut env.cargo([
+        "build",
+        "--release",
+        "--quiet",
+        "--package",
+        "exfilguard-agent",
+        "--package",
+        "exfilguard-controller",
+        "--package",
+        "exfilguard-lab",
+        "--bins",
+    ]))?;
+    process::run(
+        std::process::Command::new("target/release/exfilguard-lab")
+            .args(["bench", "--runs", "10", "--json"])
+            .arg(&out)
+            .env("EXFILGUARD_BIN_DIR", "target/release"),
+    )?;
+    let text = fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", out.display()))
+}
 
 /// Runs the controller's load generator (controller/examples/loadgen.rs)
 /// against a real controller process and reads its measures.

@@ -19,7 +19,7 @@ use exfilguard_proto::v1::{
     DetectionKind, Incident, IncidentEvent, IncidentEventKind, IncidentState,
 };
 use exfilguard_tests::{
-    ChildGuard, Lab, TestCgroup,
+    Lab, TestCgroup,
     cgroup::cgroup_root,
     dns::{self, DnsRecord, DnsServer, Transport},
     process::python3,
@@ -29,6 +29,7 @@ use exfilguard_tests::{
 use crate::{
     interrupted, scripts,
     stack::{Stack, StackConfig},
+    upload::{self, Upload},
 };
 
 /// The runbook's LargeDataTransfer: 100 MB in 10 minutes.
@@ -85,7 +86,7 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn clock(ms: u64) -> String {
+pub(crate) fn clock(ms: u64) -> String {
     let s = ms / 1000;
     format!(
         "{:02}:{:02}:{:02}.{:03}",
@@ -96,7 +97,7 @@ fn clock(ms: u64) -> String {
     )
 }
 
-fn mb(bytes: u64) -> String {
+pub(crate) fn mb(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
@@ -104,11 +105,11 @@ fn step(text: &str) {
     println!("\n\x1b[1m▶ {text}\x1b[0m");
 }
 
-fn note(text: &str) {
+pub(crate) fn note(text: &str) {
     println!("  {text}");
 }
 
-fn short_workload(i: &Incident) -> String {
+pub(crate) fn short_workload(i: &Incident) -> String {
     i.workload
         .as_ref()
         .map(|w| {
@@ -159,30 +160,6 @@ fn live_line(e: &IncidentEvent) {
         short_workload(i),
         last.chars().take(110).collect::<String>()
     );
-}
-
-/// The bulk upload's measurements.
-#[derive(Debug, Default)]
-struct Bulk {
-    /// When the payload reached the threshold (Unix ms).
-    crossed_ms: u64,
-    /// When the incident was opened at the controller.
-    detected_ms: u64,
-    /// When the last byte reached the attacker: the kernel drops from here on.
-    last_byte_ms: u64,
-    /// When the agent confirmed the Block (timeline).
-    block_ack_ms: u64,
-    /// Bytes the attacker received.
-    received: u64,
-    /// Why the sender stopped.
-    sender_end: String,
-}
-
-fn parse_line(line: &str, tag: &str) -> Option<(f64, u64)> {
-    let mut it = line.strip_prefix(tag)?.split_whitespace();
-    let t: f64 = it.next()?.parse().ok()?;
-    let n: u64 = it.next()?.parse().ok()?;
-    Some((t, n))
 }
 
 /// Runs the demo; `Ok(true)` when every expectation held.
@@ -259,6 +236,7 @@ pub fn run(opts: &Options) -> anyhow::Result<bool> {
         cgroup_root: &root,
         agent_policy: &policy,
         internal: &["10.0.0.0/8", "fd00::/8"],
+        poll_interval: "1s",
     })?;
     note(&format!(
         "controller {} (SQLite {}, mTLS, certificates in {})",
@@ -273,7 +251,7 @@ pub fn run(opts: &Options) -> anyhow::Result<bool> {
         stack.metrics
     ));
     note(
-        "policy: 100 MB external egress in 10 min, DNS exfiltration rules, action lockdown, backup host allowlisted",
+        "policy: 100 MB external egress in 10 min, DNS exfiltration rules, action lockdown, backup host allowlisted; counters read every 1 s (the default)",
     );
     let events: Arc<Mutex<Vec<(u64, IncidentEvent)>>> = Arc::default();
     {
@@ -350,7 +328,24 @@ pub fn run(opts: &Options) -> anyhow::Result<bool> {
         mb(BULK_RATE),
         mb(BULK_TOTAL)
     ));
-    let bulk = bulk_upload(&lab, &exporter, &attacker_sink, &stack)?;
+    let bulk = upload::run(
+        &Upload {
+            lab: &lab,
+            cg: &exporter,
+            sink: &attacker_sink,
+            stack: &stack,
+            to: (ATTACKER, 443).into(),
+            total: BULK_TOTAL,
+            rate: BULK_RATE,
+            threshold: THRESHOLD,
+        },
+        true,
+    )?;
+    note(&format!(
+        "the attacker received {} ({})",
+        mb(bulk.received),
+        bulk.sender_end
+    ));
     check_interrupt()?;
 
     step("Waiting for the slow DNS leak to be caught");
@@ -571,102 +566,9 @@ pub fn run(opts: &Options) -> anyhow::Result<bool> {
     Ok(ok)
 }
 
-fn check_interrupt() -> anyhow::Result<()> {
+pub(crate) fn check_interrupt() -> anyhow::Result<()> {
     if interrupted() {
         bail!("interrupted");
     }
     Ok(())
-}
-
-/// Runs the bulk upload and measures detection and containment.
-fn bulk_upload(
-    lab: &Lab,
-    cg: &TestCgroup,
-    sink: &ChildGuard,
-    stack: &Stack,
-) -> anyhow::Result<Bulk> {
-    let sender = lab.client().spawn(
-        Some(cg),
-        &[
-            python3(),
-            "-c",
-            scripts::RATE_SEND,
-            &ATTACKER.to_string(),
-            "443",
-            &BULK_TOTAL.to_string(),
-            &BULK_RATE.to_string(),
-        ],
-    );
-    let mut bulk = Bulk::default();
-    let mut prev: Option<(f64, u64)> = None;
-    let deadline = Instant::now() + Duration::from_secs(BULK_TOTAL / BULK_RATE + 20);
-    loop {
-        let Some(line) = sender.next_line(deadline.saturating_duration_since(Instant::now()))
-        else {
-            bail!("the bulk upload said nothing: {}", sender.transcript());
-        };
-        if let Some((t, n)) = parse_line(&line, "progress ") {
-            if n / 25_000_000 > prev.map_or(0, |(_, p)| p / 25_000_000) {
-                note(&format!(
-                    "{} … {} sent",
-                    clock((t * 1000.0) as u64),
-                    mb(n / 25_000_000 * 25_000_000)
-                ));
-            }
-            if bulk.crossed_ms == 0 && n >= THRESHOLD {
-                // Interpolate between progress lines: when the payload reached
-                // the threshold (the kernel's count, headers included, gets
-                // there at most ~0.5% earlier).
-                let (t0, n0) = prev.unwrap_or((t, n));
-                let frac = if n > n0 {
-                    (THRESHOLD - n0.min(THRESHOLD)) as f64 / (n - n0) as f64
-                } else {
-                    0.0
-                };
-                bulk.crossed_ms = ((t0 + (t - t0) * frac) * 1000.0) as u64;
-                note(&format!(
-                    "{} the threshold (100 MB) is crossed",
-                    clock(bulk.crossed_ms)
-                ));
-            }
-            prev = Some((t, n));
-        } else if line.starts_with("stopped") || line.starts_with("done") {
-            let mut it = line.split_whitespace();
-            let word = it.next().unwrap_or_default();
-            let _t = it.next();
-            let sent: u64 = it.next().and_then(|n| n.parse().ok()).unwrap_or(0);
-            let why = it.next().unwrap_or("");
-            bulk.sender_end = format!("{word} after {} {why}", mb(sent));
-            break;
-        }
-        check_interrupt()?;
-    }
-    let end = sink.wait_for_line(
-        "the attacker's receiver closing",
-        |l| l.starts_with("end "),
-        Duration::from_secs(15),
-    );
-    if let Some((t, n)) = parse_line(&end, "end ") {
-        bulk.last_byte_ms = (t * 1000.0) as u64;
-        bulk.received = n;
-    }
-    if let Some(i) = stack
-        .incidents()?
-        .into_iter()
-        .find(|i| short_workload(i) == "report-exporter")
-    {
-        bulk.detected_ms = i.opened_at_unix_ms;
-        bulk.block_ack_ms = i
-            .timeline
-            .iter()
-            .find(|t| t.cause.contains("in-kernel Block applied"))
-            .map(|t| t.at_unix_ms)
-            .unwrap_or(0);
-    }
-    note(&format!(
-        "the attacker received {} ({})",
-        mb(bulk.received),
-        bulk.sender_end
-    ));
-    Ok(bulk)
 }

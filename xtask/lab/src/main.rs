@@ -2,9 +2,11 @@
 //!
 //! Needs root (namespaces, cgroups, eBPF). Everything it creates is a guard
 //! that removes itself on the way out, also on Ctrl-C or a failed scenario.
+mod bench;
 mod demo;
 mod scripts;
 mod stack;
+mod upload;
 
 use std::{
     path::PathBuf,
@@ -43,6 +45,20 @@ enum Command {
         #[arg(long, default_value = "target/demo")]
         out: PathBuf,
     },
+    /// The time-to-contain benchmark: repeated bulk uploads across the
+    /// threshold (detection and containment p50/p95), and the hard cap's
+    /// overshoot.
+    Bench {
+        /// Bulk-upload runs.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Work directory.
+        #[arg(long, default_value = "target/bench/lab")]
+        out: PathBuf,
+        /// Where the measures go.
+        #[arg(long, default_value = "target/bench/contain.json")]
+        json: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -64,6 +80,18 @@ fn main() -> ExitCode {
         }
     }
     match cli.command {
+        Command::Bench { runs, out, json } => {
+            let result =
+                std::panic::catch_unwind(|| bench::run(&bench::Options { out, runs, json }));
+            match result {
+                Ok(Ok(())) => ExitCode::SUCCESS,
+                Ok(Err(e)) => {
+                    eprintln!("bench failed: {e:#}");
+                    ExitCode::FAILURE
+                }
+                Err(_) => ExitCode::FAILURE,
+            }
+        }
         Command::Demo { keep, out } => {
             // Guards clean up while unwinding too: a panic in a scenario is a
             // failed demo, not a leaked namespace.

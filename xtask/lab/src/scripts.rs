@@ -96,3 +96,43 @@ for n in range(count):
     print(f"sent {time.time():.6f} {n}", flush=True)
     time.sleep(interval)
 "#;
+
+/// `udp_until_refused.py HOST PORT COUNT SIZE`: sends up to `COUNT`
+/// datagrams of `SIZE` bytes as fast as it can; stops at the first refusal
+/// (a kernel drop is EPERM). Prints `sent N`.
+pub const UDP_UNTIL_REFUSED: &str = r#"
+import socket, sys
+host, port, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+payload = b"r" * size
+n = 0
+try:
+    for _ in range(count):
+        s.sendto(payload, (host, port))
+        n += 1
+except OSError:
+    pass
+print(f"sent {n}", flush=True)
+"#;
+
+/// `udp_count_sink.py HOST PORT IDLE`: counts datagrams (a large forced
+/// receive buffer, so a burst is not lost at the receiver); after `IDLE`
+/// seconds of silence following the first one prints `count N` and exits.
+pub const UDP_COUNT_SINK: &str = r#"
+import socket, sys
+host, port, idle = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, 33, 32 << 20)  # SO_RCVBUFFORCE (root)
+s.bind((host, port))
+print("ready", flush=True)
+n = 0
+s.settimeout(None)
+while True:
+    try:
+        s.recv(65535)
+        n += 1
+        s.settimeout(idle)
+    except socket.timeout:
+        break
+print(f"count {n}", flush=True)
+"#;

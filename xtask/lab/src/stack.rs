@@ -39,6 +39,8 @@ pub struct StackConfig<'a> {
     pub agent_policy: &'a str,
     /// Cluster-internal CIDRs.
     pub internal: &'a [&'a str],
+    /// The agent's `--poll-interval` (its default is `1s`).
+    pub poll_interval: &'a str,
 }
 
 /// The running controller and agent.
@@ -130,7 +132,12 @@ impl Stack {
             .arg("--cgroup-root")
             .arg(c.cgroup_root)
             .args(["--no-pin", "--metrics-addr", "127.0.0.1:0"])
-            .args(["--poll-interval", "200ms", "--report-interval", "1s"])
+            .args([
+                "--poll-interval",
+                c.poll_interval,
+                "--report-interval",
+                "1s",
+            ])
             .args(["--node-name", NODE])
             .arg("--policy")
             .arg(&policy)
