@@ -30,6 +30,7 @@ pub mod probe;
 pub mod process;
 pub mod skip;
 pub mod traffic;
+pub mod tunnel;
 
 pub use bpffs::BpfFs;
 pub use cgroup::TestCgroup;
