@@ -110,6 +110,20 @@ impl IodineClient {
     /// through a resolver. Codecs, query type and fragment size are iodine's own
     /// choices (autodetected), as an attacker would run it.
     pub fn connect(ns: &Netns, cgroup: &TestCgroup, server: IpAddr, topdomain: &str) -> Self {
+        Self::try_connect(ns, cgroup, server, topdomain, SETUP_TIMEOUT)
+            .unwrap_or_else(|log| panic!("iodine did not connect within {SETUP_TIMEOUT:?}:\n{log}"))
+    }
+
+    /// [`IodineClient::connect`], returning the client's output instead of
+    /// panicking when the tunnel does not come up within `timeout` (e.g.
+    /// because the workload was contained during the handshake).
+    pub fn try_connect(
+        ns: &Netns,
+        cgroup: &TestCgroup,
+        server: IpAddr,
+        topdomain: &str,
+        timeout: Duration,
+    ) -> Result<Self, String> {
         let ifname = format!("{}i", UniqueId::next().prefix());
         let server = server.to_string();
         let child = ns.spawn(
@@ -126,12 +140,17 @@ impl IodineClient {
                 topdomain,
             ],
         );
-        child.wait_for_line(
-            "iodine connected",
-            |l| l.starts_with("Connection setup complete"),
-            SETUP_TIMEOUT,
-        );
-        Self { child, ifname }
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match child.next_line(left) {
+                Some(l) if l.starts_with("Connection setup complete") => {
+                    return Ok(Self { child, ifname });
+                }
+                Some(_) => {}
+                None => return Err(child.transcript()),
+            }
+        }
     }
 
     /// The client's tun interface name.

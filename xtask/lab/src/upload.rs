@@ -85,13 +85,6 @@ pub fn run(u: &Upload<'_>, verbose: bool) -> anyhow::Result<Bulk> {
             bail!("the upload said nothing: {}", sender.transcript());
         };
         if let Some((t, n)) = parse_line(&line, "progress ") {
-            if verbose && n / step > prev.map_or(0, |(_, p)| p / step) {
-                note(&format!(
-                    "{} … {} sent",
-                    clock((t * 1000.0) as u64),
-                    mb(n / step * step)
-                ));
-            }
             if bulk.crossed_ms == 0 && n >= u.threshold {
                 // Interpolated between progress lines: when the payload
                 // reached the threshold. The kernel's count (IP and TCP
@@ -111,6 +104,13 @@ pub fn run(u: &Upload<'_>, verbose: bool) -> anyhow::Result<Bulk> {
                         mb(u.threshold)
                     ));
                 }
+            }
+            if verbose && n / step > prev.map_or(0, |(_, p)| p / step) {
+                note(&format!(
+                    "{} … {} sent",
+                    clock((t * 1000.0) as u64),
+                    mb(n / step * step)
+                ));
             }
             prev = Some((t, n));
         } else if line.starts_with("stopped") || line.starts_with("done") {
