@@ -16,11 +16,17 @@ use std::{
 };
 
 use anyhow::Context as _;
-use exfilguard_tests::{Lab, TestCgroup, cgroup::cgroup_root, process::python3, traffic};
+use exfilguard_tests::{
+    Lab, TestCgroup,
+    cgroup::cgroup_root,
+    process::python3,
+    traffic,
+    tunnel::{IodineClient, IodineServer},
+};
 use serde_json::json;
 
 use crate::{
-    demo::check_interrupt,
+    demo::{check_interrupt, short_workload},
     scripts,
     stack::{Stack, StackConfig},
     upload::{self, Upload},
@@ -32,6 +38,8 @@ const TOTAL: u64 = 300_000_000;
 const RECEIVER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 66);
 const CAP_BYTES: u64 = 2_000_000;
 const DATAGRAM: usize = 1400;
+const TUNNEL_NS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 53);
+const TUNNEL_ZONE: &str = "t.cdn-sync.example";
 
 /// Options of `bench`.
 pub struct Options {
@@ -66,6 +74,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let out = std::fs::canonicalize(&opts.out)?;
     let lab = Lab::new();
     lab.add_peer_addr(RECEIVER.into());
+    lab.add_peer_addr(TUNNEL_NS.into());
     let root = cgroup_root();
     let company =
         TestCgroup::named_under(&root, &format!("exfilguard-bench-{}", std::process::id()));
@@ -159,6 +168,13 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             None,
         ));
         measures.push(measure("contain.runs", detect.len() as f64, "runs", None));
+        measures.extend(dns_tunnel(
+            &lab,
+            &company,
+            &stack,
+            opts.runs,
+            &mut workloads,
+        )?);
         // The stack goes first (the agent detaches), then the cgroups.
         drop(stack);
         drop(workloads);
@@ -277,6 +293,88 @@ fn hard_cap(
             "contain.cap_bytes_through",
             units as f64 * per_packet as f64,
             "B",
+            None,
+        ),
+    ])
+}
+
+/// Real iodine tunnels, one fresh workload per run: seconds from starting
+/// the client to the incident, and DNS queries the detector had seen.
+fn dns_tunnel(
+    lab: &Lab,
+    company: &TestCgroup,
+    stack: &Stack,
+    runs: usize,
+    keep: &mut Vec<TestCgroup>,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let (mut secs, mut queries) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        let cg = TestCgroup::named_under(company.path(), &format!("tunnel-{i}"));
+        let server = IodineServer::start(lab.peer(), TUNNEL_NS.into(), TUNNEL_ZONE);
+        let started = crate::demo::unix_ms();
+        let client = IodineClient::try_connect(
+            lab.client(),
+            &cg,
+            TUNNEL_NS.into(),
+            TUNNEL_ZONE,
+            Duration::from_secs(30),
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let incident = loop {
+            if let Some(i) = stack
+                .incidents()?
+                .into_iter()
+                .find(|i| short_workload(i) == cg.name())
+            {
+                break i;
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "tunnel run {i}: no incident within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let s = incident.opened_at_unix_ms.saturating_sub(started) as f64 / 1000.0;
+        let q = incident
+            .evidence
+            .first()
+            .and_then(|e| serde_json::from_str::<serde_json::Value>(&e.json).ok())
+            .and_then(|v| v["evidence"]["measurements"]["queries"].as_f64())
+            .unwrap_or(f64::NAN);
+        println!(
+            "tunnel {i:>2}: detected after {s:.1} s, {q} queries seen ({})",
+            if client.is_ok() {
+                "tunnel was up"
+            } else {
+                "during the handshake"
+            }
+        );
+        secs.push(s);
+        queries.push(q);
+        drop(client);
+        drop(server);
+        keep.push(cg);
+        check_interrupt()?;
+    }
+    secs.sort_by(f64::total_cmp);
+    queries.sort_by(f64::total_cmp);
+    Ok(vec![
+        measure(
+            "contain.dns_tunnel_detect_p50",
+            percentile(&secs, 50.0),
+            "s",
+            None,
+        ),
+        measure(
+            "contain.dns_tunnel_detect_p95",
+            percentile(&secs, 95.0),
+            "s",
+            Some(10.0),
+        ),
+        measure(
+            "contain.dns_tunnel_queries_p50",
+            percentile(&queries, 50.0),
+            "queries",
             None,
         ),
     ])
