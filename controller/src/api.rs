@@ -7,8 +7,8 @@ use std::{pin::Pin, sync::Arc};
 use exfilguard_proto::v1::{
     AcknowledgeIncidentRequest, GetIncidentRequest, GetReportRequest, Incident, IncidentEvent,
     IncidentState, ListIncidentsRequest, ListIncidentsResponse, ListNodesRequest,
-    ListNodesResponse, ReleaseIncidentRequest, Report, ReportFormat, TopTalkersRequest,
-    TopTalkersResponse, WatchIncidentsRequest, incidents_server,
+    ListNodesResponse, ReleaseIncidentRequest, Report, ReportFormat, ThrottleIncidentRequest,
+    TopTalkersRequest, TopTalkersResponse, WatchIncidentsRequest, incidents_server,
 };
 use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::Stream;
@@ -211,6 +211,40 @@ impl incidents_server::Incidents for IncidentsApi {
         let store = self.store.clone();
         let hub = self.hub.clone();
         // Delivering may write a timeline note (agent not connected): off the runtime.
+        tokio::task::spawn_blocking(move || hub.apply(store.as_ref(), effects))
+            .await
+            .map_err(|e| Status::internal(format!("hub task: {e}")))?;
+        Ok(Response::new(incident))
+    }
+
+    async fn throttle_incident(
+        &self,
+        request: Request<ThrottleIncidentRequest>,
+    ) -> Result<Response<Incident>, Status> {
+        let caller = auth::require(self.mode, &request, RESPONDERS)?;
+        let r = request.into_inner();
+        let id = check_id(&r.id)?;
+        let reason = r.reason.trim().chars().take(1024).collect::<String>();
+        if reason.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a throttle needs a reason (it goes into the timeline)".into(),
+            )
+            .into());
+        }
+        if r.bytes > 0 && !(1..=86_400).contains(&r.window_seconds) {
+            return Err(Error::InvalidArgument(format!(
+                "window_seconds {} is not between 1 and 86400",
+                r.window_seconds
+            ))
+            .into());
+        }
+        let who = actor(&caller);
+        let (bytes, window) = (r.bytes, r.window_seconds);
+        let (incident, effects) = self
+            .blocking(move |s| s.throttle(&id, &who, bytes, window, &reason, now_ms()))
+            .await?;
+        let store = self.store.clone();
+        let hub = self.hub.clone();
         tokio::task::spawn_blocking(move || hub.apply(store.as_ref(), effects))
             .await
             .map_err(|e| Status::internal(format!("hub task: {e}")))?;

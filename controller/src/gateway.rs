@@ -211,7 +211,7 @@ impl Session {
                 what: "PolicyUpdate",
             }),
             controller_message::Payload::SetCap(c) => Some(PendingCommand {
-                incident_id: String::new(),
+                incident_id: c.incident_id.clone(),
                 what: if c.bytes == 0 {
                     "cap removal"
                 } else {

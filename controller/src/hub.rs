@@ -158,6 +158,12 @@ impl Hub {
                         self.note(store, &id, &format!("agent on {node} is not connected; the Block is sent when it reconnects"));
                     }
                 }
+                Effect::SetCap { node, set_cap } => {
+                    let id = set_cap.incident_id.clone();
+                    if !self.send(&node, controller_message::Payload::SetCap(set_cap)) {
+                        self.note(store, &id, &format!("agent on {node} is not connected; the cap was not sent (send it again once the node is back)"));
+                    }
+                }
                 Effect::Unblock { node, unblock } => {
                     let id = unblock.incident_id.clone();
                     if !self.send(&node, controller_message::Payload::Unblock(unblock)) {

@@ -317,3 +317,105 @@ fn a_bulk_upload_is_detected_contained_in_the_kernel_and_released_by_a_responder
     assert_eq!(after["state"], "released", "{after:#}");
     assert_eq!(stack.incidents().len(), 1);
 }
+
+#[test]
+fn a_responder_throttles_an_open_incident_in_the_kernel_and_the_release_lifts_it() {
+    if !kernel_test_guard(&["ip", "python3"]) {
+        return;
+    }
+    let lab = Lab::new();
+    let parent = TestCgroup::new();
+    let app = TestCgroup::under(parent.path());
+    // `alert`: the incident stays open and nothing is cut off by itself.
+    let stack = Stack::start(
+        &parent,
+        "volume_threshold_bytes: 1000000\nvolume_window: 60s\naction: alert\n",
+    );
+    let tcp = TcpSink::start(lab.peer(), (lab.peer_v4(), 9301).into());
+    let udp = traffic::UdpSink::start(lab.peer(), (lab.peer_v4(), 9302).into());
+    traffic::send_tcp(lab.client(), &app, tcp.addr(), 2_000_000);
+    let deadline = Instant::now() + WAIT;
+    let id = loop {
+        if let Some(i) = stack.incidents().first() {
+            break i["id"].as_str().expect("incident id").to_string();
+        }
+        assert!(Instant::now() < deadline, "no incident");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let open = stack.exfilctl("viewer", &["incidents", "show", &id]);
+    assert_eq!(open["state"], "open", "{open:#}");
+
+    // A viewer may not throttle.
+    let mut denied = Command::new(workspace_bin("exfilctl"));
+    denied
+        .arg("--endpoint")
+        .arg(format!("https://localhost:{}", stack.port))
+        .arg("--ca")
+        .arg(stack.pki.ca())
+        .arg("--cert")
+        .arg(stack.pki.cert("viewer"))
+        .arg("--key")
+        .arg(stack.pki.key("viewer"))
+        .args([
+            "incidents",
+            "throttle",
+            &id,
+            "--bytes",
+            "1",
+            "--reason",
+            "x",
+        ])
+        .env("HOME", &stack.pki.dir);
+    assert!(!output(denied, "exfilctl as viewer", WAIT).status.success());
+
+    const CAP: u64 = 100_000;
+    stack.exfilctl(
+        "responder",
+        &[
+            "incidents",
+            "throttle",
+            &id,
+            "--bytes",
+            &CAP.to_string(),
+            "--window",
+            "10m",
+            "--reason",
+            "keep it alive while we look",
+        ],
+    );
+    stack.wait_incident(&id, "throttled in the kernel", |i| {
+        timeline_has(i, "in-kernel SetCap applied on node-a")
+    });
+    // 1000-byte datagrams are 1028 bytes at IP level: at most 97 fit in the
+    // budget (a little less when other egress of the workload shares the
+    // window), plus at most one per CPU racing on the last bytes; the sender
+    // stops at the first refusal (EPERM).
+    let refused = traffic::try_send_udp(lab.client(), &app, udp.addr(), 400, 1000);
+    assert!(refused.is_err(), "the cap did not refuse anything");
+    let got = udp.collect(400, Duration::from_secs(2));
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    assert!(
+        got.units >= CAP / 1028 - 5 && got.units <= CAP / 1028 + cpus,
+        "{} datagrams got through a {CAP} B cap",
+        got.units
+    );
+    let still_open = stack.exfilctl("viewer", &["incidents", "show", &id]);
+    assert_eq!(still_open["state"], "open", "a throttle is not a lockdown");
+
+    stack.exfilctl(
+        "responder",
+        &[
+            "incidents",
+            "release",
+            &id,
+            "--reason",
+            "checked: a report job",
+        ],
+    );
+    stack.wait_incident(&id, "cap lifted", |i| {
+        timeline_has(i, "in-kernel cap removal applied on node-a")
+    });
+    // Few enough to fit the receiver's socket buffer.
+    traffic::send_udp(lab.client(), &app, udp.addr(), 50, 1000);
+    assert_eq!(udp.collect(50, Duration::from_secs(5)).units, 50);
+}

@@ -8,7 +8,8 @@
 pub mod sqlite;
 
 use exfilguard_proto::v1::{
-    Block, Detection, FlowReport, Incident, IncidentEventKind, IncidentState, Node, Talker, Unblock,
+    Block, Detection, FlowReport, Incident, IncidentEventKind, IncidentState, Node, SetCap, Talker,
+    Unblock,
 };
 
 use crate::{Result, correlate::ResponsePolicy};
@@ -75,6 +76,13 @@ pub enum Effect {
         node: String,
         /// The command.
         unblock: Unblock,
+    },
+    /// Throttle (or lift a throttle): send this SetCap to the node's agent.
+    SetCap {
+        /// The node.
+        node: String,
+        /// The command.
+        set_cap: SetCap,
     },
 }
 
@@ -155,6 +163,18 @@ pub trait Store: Send + Sync {
         &self,
         id: &str,
         actor: &str,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<(Incident, Vec<Effect>)>;
+    /// A responder capped the incident workload's external egress (`bytes`
+    /// per `window_seconds`; 0 lifts it): a timeline entry and a SetCap
+    /// effect. The incident's state does not change.
+    fn throttle(
+        &self,
+        id: &str,
+        actor: &str,
+        bytes: u64,
+        window_seconds: u32,
         reason: &str,
         now_ms: u64,
     ) -> Result<(Incident, Vec<Effect>)>;

@@ -11,7 +11,7 @@ use std::{path::Path, sync::Mutex};
 
 use exfilguard_proto::v1::{
     Block, Detection, EvidenceRecord, FlowReport, Incident, IncidentEventKind, IncidentState, Node,
-    PolicyAction, Severity, Talker, TimelineEntry, Unblock, Workload,
+    PolicyAction, SetCap, Severity, Talker, TimelineEntry, Unblock, Workload,
 };
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
@@ -707,6 +707,29 @@ impl Store for SqliteStore {
                 )));
             }
         };
+        // A throttle still in force goes with the release.
+        let throttled: Option<String> = tx
+            .query_row(
+                "SELECT cause FROM timeline WHERE incident_id = ?1 AND cause LIKE 'throttle%'
+                 ORDER BY n DESC LIMIT 1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(Error::store("throttle state"))?;
+        let cgroup_id = incident.workload.as_ref().map_or(0, |w| w.cgroup_id);
+        if throttled.is_some_and(|c| c.starts_with("throttle:")) && cgroup_id != 0 {
+            effects.push(Effect::SetCap {
+                node: incident.node.clone(),
+                set_cap: SetCap {
+                    cgroup_id,
+                    bytes: 0,
+                    window_seconds: 0,
+                    reason: format!("incident {id} released by {actor}: {reason}"),
+                    incident_id: id.to_string(),
+                },
+            });
+        }
         set_state(&tx, id, to, now_ms)?;
         let verb = if to == IncidentState::Released {
             "released (Unblock sent to the agent)"
@@ -731,6 +754,76 @@ impl Store for SqliteStore {
                 incident: Box::new(incident.clone()),
             },
         );
+        Ok((incident, effects))
+    }
+
+    fn throttle(
+        &self,
+        id: &str,
+        actor: &str,
+        bytes: u64,
+        window_seconds: u32,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<(Incident, Vec<Effect>)> {
+        let mut conn = self.writer()?;
+        let tx = conn.transaction().map_err(Error::store("begin"))?;
+        let incident = load_incident(&tx, id)?.ok_or_else(|| not_found(id))?;
+        if !is_active(incident.state) {
+            return Err(Error::FailedPrecondition(format!(
+                "incident {id} is {}: only an open or contained incident can be throttled",
+                json::state(incident.state).as_str().unwrap_or("closed")
+            )));
+        }
+        let cgroup_id = incident.workload.as_ref().map_or(0, |w| w.cgroup_id);
+        if cgroup_id == 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "incident {id}: the agent reported no cgroup id for the workload; nothing to cap"
+            )));
+        }
+        let what = if bytes == 0 {
+            format!(
+                "throttle lifted: in-kernel cap removal sent to the agent on {}",
+                incident.node
+            )
+        } else {
+            format!(
+                "throttle: in-kernel cap of {bytes} bytes per {window_seconds} s sent to the agent on {}",
+                incident.node
+            )
+        };
+        add_timeline(
+            &tx,
+            id,
+            now_ms,
+            actor,
+            &format!("{what}: {reason}"),
+            incident.state,
+        )?;
+        tx.execute(
+            "UPDATE incidents SET updated_ms = ?2 WHERE id = ?1",
+            params![id, now_ms],
+        )
+        .map_err(Error::store("throttle"))?;
+        let incident = load_incident(&tx, id)?.ok_or_else(|| not_found(id))?;
+        let incident = with_timeline(&tx, incident)?;
+        tx.commit().map_err(Error::store("commit"))?;
+        let effects = vec![
+            Effect::Incident {
+                kind: IncidentEventKind::Updated,
+                incident: Box::new(incident.clone()),
+            },
+            Effect::SetCap {
+                node: incident.node.clone(),
+                set_cap: SetCap {
+                    cgroup_id,
+                    bytes,
+                    window_seconds,
+                    reason: format!("incident {id}: {reason}"),
+                    incident_id: id.to_string(),
+                },
+            },
+        ];
         Ok((incident, effects))
     }
 
@@ -935,6 +1028,48 @@ mod tests {
         assert_eq!(full.evidence.len(), 2);
         assert_eq!(full.evidence[0].sha256.len(), 64);
         assert_eq!(hello(&store, "n1"), 3);
+    }
+
+    #[test]
+    fn throttle_sends_a_cap_keeps_the_state_and_release_lifts_it() {
+        let (_dir, store) = open_temp();
+        hello(&store, "n1");
+        store
+            .ingest(
+                &[detection("n1", 1, "db-0", Severity::High, 42)],
+                &ResponsePolicy::default(),
+            )
+            .unwrap();
+        let id = store
+            .list_incidents(&IncidentFilter {
+                limit: 1,
+                ..Default::default()
+            })
+            .unwrap()
+            .incidents[0]
+            .id
+            .clone();
+        let (incident, effects) = store
+            .throttle(&id, "alice", 1_000_000, 60, "slow it down", 10)
+            .unwrap();
+        assert_eq!(incident.state, IncidentState::Open as i32);
+        assert!(effects.iter().any(|e| matches!(e,
+            Effect::SetCap { node, set_cap } if node == "n1" && set_cap.cgroup_id == 42
+                && set_cap.bytes == 1_000_000 && set_cap.window_seconds == 60 && set_cap.incident_id == id)));
+        let (_, effects) = store.release(&id, "alice", "done", 11).unwrap();
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, Effect::SetCap { set_cap, .. } if set_cap.bytes == 0)),
+            "release lifts the throttle: {effects:?}"
+        );
+        // A closed incident cannot be throttled.
+        assert!(matches!(
+            store
+                .throttle(&id, "alice", 5, 60, "again", 12)
+                .unwrap_err(),
+            Error::FailedPrecondition(_)
+        ));
     }
 
     #[test]

@@ -166,6 +166,26 @@ pub enum IncidentsCommand {
         #[arg(long)]
         reason: String,
     },
+    /// Cap the workload's external egress in the kernel instead of (or
+    /// besides) cutting it off (needs the responder role).
+    ///
+    /// Example: exfilctl incidents throttle EXFIL-… --bytes 1000000 --window 1m --reason "keep checkout alive"
+    Throttle {
+        /// Incident id.
+        id: String,
+        /// External egress bytes allowed per window.
+        #[arg(long, required_unless_present = "lift")]
+        bytes: Option<u64>,
+        /// Window: 30s, 1m, 1h.
+        #[arg(long, default_value = "1m")]
+        window: String,
+        /// Lift the cap instead.
+        #[arg(long, conflicts_with = "bytes")]
+        lift: bool,
+        /// Why (recorded in the timeline).
+        #[arg(long)]
+        reason: String,
+    },
     /// Render the incident report.
     Report {
         /// Incident id.

@@ -16,7 +16,8 @@ use exfilguard_controller::client::{self, ClientConfig};
 use exfilguard_proto::v1::{
     AcknowledgeIncidentRequest, GetIncidentRequest, GetReportRequest, IncidentState,
     ListIncidentsRequest, ListNodesRequest, ReleaseIncidentRequest, ReportFormat,
-    TopTalkersRequest, WatchIncidentsRequest, incidents_client::IncidentsClient,
+    ThrottleIncidentRequest, TopTalkersRequest, WatchIncidentsRequest,
+    incidents_client::IncidentsClient,
 };
 use serde::Deserialize;
 use tonic::transport::Channel;
@@ -178,6 +179,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             IncidentsCommand::Release { id, reason } => {
                 let incident = api
                     .release_incident(ReleaseIncidentRequest { id, reason })
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
+                output::incident(&mut stdout, out, &incident)?;
+            }
+            IncidentsCommand::Throttle {
+                id,
+                bytes,
+                window,
+                lift,
+                reason,
+            } => {
+                let window_seconds = if lift {
+                    0
+                } else {
+                    u32::try_from(parse_duration(&window)?.as_secs())
+                        .map_err(|_| anyhow::anyhow!("--window {window:?} is too long"))?
+                };
+                let incident = api
+                    .throttle_incident(ThrottleIncidentRequest {
+                        id,
+                        bytes: if lift { 0 } else { bytes.unwrap_or(0) },
+                        window_seconds,
+                        reason,
+                    })
                     .await
                     .map_err(status_err)?
                     .into_inner();
