@@ -106,7 +106,10 @@ pub fn render(template: &str, ctx: &Context, origin: &str) -> Result<String, Che
     let mut iter = tokens.into_iter();
     let (nodes, end) = parse_nodes(&mut iter, origin)?;
     if let Some(e) = end {
-        return Err(CheckError::invalid(origin, format!("unexpected {{{{ {e} }}}}")));
+        return Err(CheckError::invalid(
+            origin,
+            format!("unexpected {{{{ {e} }}}}"),
+        ));
     }
     let mut out = String::new();
     exec(&nodes, &ctx.root, ctx, origin, &mut out)?;
@@ -188,7 +191,9 @@ fn parse_nodes(
                     if ["with", "define", "template", "include", "block"].contains(&word) {
                         return Err(CheckError::invalid(
                             origin,
-                            format!("{{{{ {a} }}}}: `{word}` is outside the subset this renderer supports"),
+                            format!(
+                                "{{{{ {a} }}}}: `{word}` is outside the subset this renderer supports"
+                            ),
                         ));
                     }
                     nodes.push(Node::Output(a));
@@ -265,7 +270,9 @@ fn pipeline(p: &str, dot: &Value, ctx: &Context, origin: &str) -> Result<Value, 
     let first = stages.next().unwrap_or_default();
     let words = split_outside_quotes(first.trim(), ' ');
     let mut value = match words.as_slice() {
-        [f, arg] if f == "toYaml" || f == "quote" => apply(f, &[], term(arg, dot, ctx, origin)?, origin)?,
+        [f, arg] if f == "toYaml" || f == "quote" => {
+            apply(f, &[], term(arg, dot, ctx, origin)?, origin)?
+        }
         [files, path] if files == ".Files.Get" => {
             let rel = unquote(path).ok_or_else(|| {
                 CheckError::invalid(origin, format!(".Files.Get needs a quoted path: {p}"))
@@ -312,7 +319,10 @@ fn apply(f: &str, args: &[String], v: Value, origin: &str) -> Result<Value, Chec
         ))),
         _ => Err(CheckError::invalid(
             origin,
-            format!("function {f} with {} arguments is outside the supported subset", args.len()),
+            format!(
+                "function {f} with {} arguments is outside the supported subset",
+                args.len()
+            ),
         )),
     }
 }
@@ -335,7 +345,10 @@ fn term(t: &str, dot: &Value, ctx: &Context, origin: &str) -> Result<Value, Chec
     } else if t.starts_with('.') {
         (dot, t)
     } else {
-        return Err(CheckError::invalid(origin, format!("unsupported term {t:?}")));
+        return Err(CheckError::invalid(
+            origin,
+            format!("unsupported term {t:?}"),
+        ));
     };
     for key in path.split('.').filter(|k| !k.is_empty()) {
         v = v.get(key).ok_or_else(|| {

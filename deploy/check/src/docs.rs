@@ -90,11 +90,15 @@ fn diff_into(want: &Value, got: &Value, path: String, out: &mut Vec<String>) {
                 let p = format!("{path}.{k}");
                 match b.get(k) {
                     Some(vb) => diff_into(va, vb, p, out),
-                    None => out.push(format!("{p}: present in the file, gone after the round trip (unknown field?)")),
+                    None => out.push(format!(
+                        "{p}: present in the file, gone after the round trip (unknown field?)"
+                    )),
                 }
             }
             for k in b.keys().filter(|k| !a.contains_key(*k)) {
-                out.push(format!("{path}.{k}: absent in the file, present after the round trip"));
+                out.push(format!(
+                    "{path}.{k}: absent in the file, present after the round trip"
+                ));
             }
         }
         (Value::Array(a), Value::Array(b)) => {

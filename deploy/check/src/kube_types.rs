@@ -84,13 +84,19 @@ mod tests {
             "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  prots: [{port: 80}]\n",
         ))
         .unwrap_err();
-        assert!(err.to_string().contains(".spec.prots: present in the file"), "{err}");
+        assert!(
+            err.to_string().contains(".spec.prots: present in the file"),
+            "{err}"
+        );
         let err = check(&doc(
             "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: d}\nspec:\n  selector: {}\n  template:\n    spec:\n      containers: [{name: a, ports: [{containerPort: \"9464\"}]}]\n",
         ))
         .unwrap_err();
         assert!(err.to_string().contains("invalid type"), "{err}");
         let err = check(&doc("apiVersion: v9\nkind: Thing\nmetadata: {name: x}\n")).unwrap_err();
-        assert!(err.to_string().contains("no Kubernetes type known"), "{err}");
+        assert!(
+            err.to_string().contains("no Kubernetes type known"),
+            "{err}"
+        );
     }
 }

@@ -12,6 +12,7 @@ pub mod docs;
 pub mod kube_types;
 pub mod metrics;
 pub mod promql;
+pub mod repo;
 
 use std::path::{Path, PathBuf};
 

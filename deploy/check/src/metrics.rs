@@ -19,7 +19,10 @@ pub fn exported_series(source: &str) -> Result<BTreeSet<String>, CheckError> {
         let name = between(call, "\"", "\"")
             .ok_or_else(|| CheckError::invalid(origin, "register() without a name literal"))?;
         let field = between(call, "m.", ".clone()").ok_or_else(|| {
-            CheckError::invalid(origin, format!("register({name:?}) of no `m.<field>.clone()`"))
+            CheckError::invalid(
+                origin,
+                format!("register({name:?}) of no `m.<field>.clone()`"),
+            )
         })?;
         let ty = fields
             .iter()
@@ -44,7 +47,10 @@ pub fn exported_series(source: &str) -> Result<BTreeSet<String>, CheckError> {
         }
     }
     if names.is_empty() {
-        return Err(CheckError::invalid(origin, "no registry.register(...) calls found"));
+        return Err(CheckError::invalid(
+            origin,
+            "no registry.register(...) calls found",
+        ));
     }
     Ok(names)
 }
@@ -95,9 +101,14 @@ fn new() {
         let names: Vec<_> = exported_series(src).unwrap().into_iter().collect();
         assert_eq!(
             names,
-            ["exfilguard_a_bytes_total", "exfilguard_b", "exfilguard_c_seconds_total"]
+            [
+                "exfilguard_a_bytes_total",
+                "exfilguard_b",
+                "exfilguard_c_seconds_total"
+            ]
         );
-        let err = exported_series("pub struct Metrics {\n}\nRegistry::with_prefix(\"p\")").unwrap_err();
+        let err =
+            exported_series("pub struct Metrics {\n}\nRegistry::with_prefix(\"p\")").unwrap_err();
         assert!(err.to_string().contains("no registry.register"), "{err}");
     }
 }

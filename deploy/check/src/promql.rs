@@ -35,7 +35,11 @@ pub fn grafana_to_promql(expr: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars().peekable();
     while let Some(c) = chars.next() {
-        if c == '$' && chars.peek().is_some_and(|n| n.is_ascii_alphabetic() || *n == '{') {
+        if c == '$'
+            && chars
+                .peek()
+                .is_some_and(|n| n.is_ascii_alphabetic() || *n == '{')
+        {
             while chars
                 .peek()
                 .is_some_and(|n| n.is_ascii_alphanumeric() || matches!(n, '_' | '{' | '}'))
@@ -98,7 +102,10 @@ mod tests {
             "t",
         )
         .unwrap();
-        assert_eq!(n.into_iter().collect::<Vec<_>>(), ["a_total", "b_total", "c"]);
+        assert_eq!(
+            n.into_iter().collect::<Vec<_>>(),
+            ["a_total", "b_total", "c"]
+        );
         assert!(selected_metrics("sum(rate(x[5m]", "t").is_err());
         let err = selected_metrics(r#"{job="x"}"#, "t").unwrap_err();
         assert!(err.to_string().contains("without a metric name"), "{err}");
