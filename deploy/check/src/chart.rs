@@ -66,9 +66,19 @@ impl Context {
                 source,
             })?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
             .collect();
         files.sort();
+        // Helm would render helpers (*.tpl) and NOTES.txt too: keep the
+        // chart to what this renderer covers rather than skip them.
+        if let Some(other) = files
+            .iter()
+            .find(|p| p.extension().is_none_or(|x| x != "yaml"))
+        {
+            return Err(CheckError::invalid(
+                other.display().to_string(),
+                "only templates/*.yaml are rendered by this check",
+            ));
+        }
         let mut out = String::new();
         for f in files {
             let text = crate::read(&f)?;
