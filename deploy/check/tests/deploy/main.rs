@@ -1,6 +1,7 @@
 //! Checks of everything under deploy/ and tests/lima/ (one test binary, so
 //! the Kubernetes types are linked once).
 mod chart;
+mod docker;
 mod grafana;
 mod lima;
 mod manifests;
