@@ -40,6 +40,9 @@ pub const PACKAGES: &[&str] = &[
     // Alertmanager is the sink the end-to-end alert tests deliver to.
     "prometheus",
     "prometheus-alertmanager",
+    // deploy/check: the Lima harness and deploy/make-certs.sh are checked
+    // with shellcheck.
+    "shellcheck",
 ];
 
 /// Installs the packages of [`PACKAGES`] that are not installed.
