@@ -43,6 +43,16 @@ impl Engine {
         }
     }
 
+    /// Names pod workloads from the Pod watch's cache from now on.
+    pub fn set_pods(&mut self, pods: crate::pods::PodCache) {
+        self.resolver.set_pods(pods);
+    }
+
+    /// The workload of `cgroup_id` (as the detectors see it).
+    pub fn workload(&mut self, cgroup_id: u64) -> &crate::attribution::Workload {
+        self.resolver.resolve(cgroup_id)
+    }
+
     /// The policy in force.
     pub fn policy(&self) -> &Policy {
         &self.policy

@@ -3,7 +3,7 @@
 //! The data path reads in one direction: the kernel programs count and
 //! capture ([`datapath`]), the agent collects deltas ([`flows`]) and DNS
 //! payloads ([`datapath::events`]), attributes them to workloads
-//! ([`attribution`]), the detectors ([`detect`]) turn them into detections
+//! ([`attribution`], with pod names from [`pods`]), the detectors ([`detect`]) turn them into detections
 //! under the [`policy`], and [`stream`] carries them to the controller.
 pub mod analyze;
 pub mod attribution;
@@ -14,6 +14,7 @@ pub mod detect;
 pub mod engine;
 pub mod flows;
 pub mod metrics;
+pub mod pods;
 pub mod policy;
 pub mod stream;
 pub mod telemetry;

@@ -12,6 +12,7 @@ use exfilguard_agent::{
     engine::Engine,
     flows::FlowTracker,
     metrics::Metrics,
+    pods::{self, PodCache},
     policy::Policy,
     telemetry,
 };
@@ -111,6 +112,72 @@ struct RunArgs {
     /// endpoints; `off` disables them.
     #[arg(long, env = "EXFILGUARD_METRICS_ADDR", default_value = "0.0.0.0:9464")]
     metrics_addr: String,
+    /// Name pod workloads (namespace, name, labels, owner, images) from a
+    /// watch of this node's Pods. `auto`: on when running in a pod
+    /// (KUBERNETES_SERVICE_HOST) or KUBECONFIG is set.
+    #[arg(
+        long,
+        env = "EXFILGUARD_KUBERNETES",
+        value_enum,
+        default_value = "auto"
+    )]
+    kubernetes: Kubernetes,
+    /// This node's name in Kubernetes (the Pod watch's `spec.nodeName`);
+    /// from the downward API in the DaemonSet. Default: the host name.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Kubernetes {
+    Auto,
+    On,
+    Off,
+}
+
+/// How long `run` waits for the first Pod list before counting, so the
+/// first detections already carry pod names. Nothing is lost by waiting: the
+/// kernel counters keep counting and the first poll reads them whole.
+const POD_SYNC_WAIT: Duration = Duration::from_secs(10);
+
+/// Starts the Pod watch when asked to (or, for `auto`, when Kubernetes is
+/// there). Failures are retried in the task, never fatal.
+fn start_pod_watch(mode: Kubernetes, node_name: Option<String>) -> Option<PodCache> {
+    let on = match mode {
+        Kubernetes::Off => false,
+        Kubernetes::On => true,
+        Kubernetes::Auto => pods::detected(|k| std::env::var(k).ok()),
+    };
+    if !on {
+        tracing::info!("Kubernetes attribution off: workloads are named by cgroup path");
+        return None;
+    }
+    let node_name = node_name.filter(|n| !n.is_empty()).unwrap_or_else(|| {
+        let host = hostname();
+        tracing::warn!(node = %host, "--node-name/NODE_NAME not set: watching pods of the node named like this host");
+        host
+    });
+    let cache = PodCache::new();
+    tokio::spawn(pods::connect_and_watch(
+        pods::WatchConfig {
+            node_name: node_name.clone(),
+        },
+        cache.clone(),
+    ));
+    tracing::info!(node = %node_name, "watching this node's pods for attribution");
+    Some(cache)
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
+    // when the name fits, and a truncated name is cut at the buffer's end.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 fn humantime_secs(s: &str) -> Result<Duration, String> {
@@ -224,6 +291,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         policy: policy_path,
         cgroup_root,
         metrics_addr,
+        kubernetes,
+        node_name,
     } = args;
     let policy = match &policy_path {
         Some(p) => Policy::load(p).with_context(|| format!("policy {}", p.display()))?,
@@ -247,6 +316,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(task)
     };
     let mut engine = Engine::new(cgroup_root, policy, policy_path.clone(), metrics.clone());
+    let pod_cache = start_pod_watch(kubernetes, node_name);
+    if let Some(cache) = &pod_cache {
+        engine.set_pods(cache.clone());
+    }
     let pinned = !no_pin;
     let config = DatapathConfig {
         cgroup_path: cgroup,
@@ -272,6 +345,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // open for as long as it is registered.
     let events_fd = unsafe { AsyncFd::register_with_interest(ring_fd, Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("registering the ring buffer with the reactor: {e}"))?;
+    if let Some(cache) = &pod_cache
+        && !cache.wait_synced(POD_SYNC_WAIT).await
+    {
+        tracing::warn!(
+            "no Pod list after {POD_SYNC_WAIT:?}: starting anyway; pods are named by UID until the watch catches up"
+        );
+    }
     let mut ticker = tokio::time::interval(poll_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -292,10 +372,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let deltas = tracker.update(&snapshot);
                 if print {
                     for d in &deltas {
+                        let w = engine.workload(d.id.cgroup_id);
+                        let owner = w.pod_info.as_ref().and_then(|p| p.owner.as_ref());
                         let line = serde_json::json!({"flow": {
                             "cgroup_id": d.id.cgroup_id, "remote": d.id.remote, "port": d.id.port,
                             "proto": d.id.proto, "bytes": d.bytes, "packets": d.packets,
-                            "external": d.external,
+                            "external": d.external, "workload": w.id,
+                            "owner": owner.map(|o| format!("{}/{}", o.kind, o.name)),
                         }});
                         println!("{line}");
                     }

@@ -685,7 +685,13 @@ async fn api_errors_are_errors_with_the_operation() {
 /// reason) otherwise.
 async fn real_cluster(test: &str) -> Option<Client> {
     if std::env::var_os("KUBECONFIG").is_none_or(|v| v.is_empty()) {
-        println!("SKIPPED {test}: KUBECONFIG is not set (set it to run against a real API server)");
+        // Straight to the stream, past the test harness's capture, so the
+        // skip shows in a normal `cargo test` run.
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED {test}: KUBECONFIG is not set (set it to run against a real API server)"
+        );
         return None;
     }
     Some(
