@@ -166,6 +166,34 @@ impl Workload {
         self.pod_info.as_ref()?.container(id)
     }
 
+    /// The stream's `Workload` message for this workload (cgroup `cgroup_id`
+    /// below the mount `cgroup_root`): namespace, pod, container, owner and
+    /// labels when the Pod watch knows the pod; the cgroup path (relative to
+    /// the mount, as the contract says) always.
+    pub fn to_proto(&self, cgroup_id: u64, cgroup_root: &Path) -> exfilguard_proto::v1::Workload {
+        let info = self.pod_info.as_deref();
+        let owner = info.and_then(|p| p.owner.as_ref());
+        exfilguard_proto::v1::Workload {
+            namespace: info.map(|p| p.namespace.clone()).unwrap_or_default(),
+            pod: info.map(|p| p.name.clone()).unwrap_or_default(),
+            container: self.container().map(|c| c.name.clone()).unwrap_or_default(),
+            cgroup_path: self
+                .cgroup_path
+                .as_ref()
+                .map(|p| {
+                    let rel = p.strip_prefix(cgroup_root).unwrap_or(p);
+                    format!("/{}", rel.display())
+                })
+                .unwrap_or_default(),
+            cgroup_id,
+            owner_kind: owner.map(|o| o.kind.clone()).unwrap_or_default(),
+            owner_name: owner.map(|o| o.name.clone()).unwrap_or_default(),
+            labels: info
+                .map(|p| p.labels.clone().into_iter().collect())
+                .unwrap_or_default(),
+        }
+    }
+
     /// Names the workload after `info` (namespace/name, labels). The name
     /// is set once: a pod's namespace and name never change for its UID,
     /// so detector state keyed by it stays whole; labels follow edits.
@@ -431,6 +459,25 @@ mod tests {
         assert_eq!(
             (c.name.as_str(), c.image_id.as_str()),
             ("etl", "registry/etl@sha256:bb")
+        );
+        let msg = w.to_proto(id, &root);
+        assert_eq!(
+            (
+                msg.namespace.as_str(),
+                msg.pod.as_str(),
+                msg.container.as_str()
+            ),
+            ("data", "etl-0", "etl")
+        );
+        assert_eq!(
+            (msg.owner_kind.as_str(), msg.owner_name.as_str()),
+            ("StatefulSet", "etl")
+        );
+        assert_eq!((msg.cgroup_id, msg.labels["app"].as_str()), (id, "etl"));
+        assert!(
+            msg.cgroup_path.starts_with("/kubepods.slice/") && msg.cgroup_path.ends_with(".scope"),
+            "{}",
+            msg.cgroup_path
         );
         // A label edit reaches policy matching.
         pods.apply(pod_event(

@@ -168,8 +168,6 @@ struct State {
     /// Pods of a relist in progress; swapped in whole at its end, so pods
     /// deleted while the watch was down go too.
     relist: Option<HashMap<String, Arc<PodInfo>>>,
-    applied: u64,
-    deleted: u64,
 }
 
 /// The pods of this node by UID, shared between the watch task (writer) and
@@ -242,7 +240,6 @@ impl PodCache {
             watcher::Event::Init => st.relist = Some(HashMap::new()),
             watcher::Event::InitApply(p) => {
                 if let Some(info) = pod_info(&p) {
-                    st.applied += 1;
                     st.relist
                         .get_or_insert_with(HashMap::new)
                         .insert(info.uid.clone(), Arc::new(info));
@@ -257,7 +254,6 @@ impl PodCache {
             }
             watcher::Event::Apply(p) => {
                 if let Some(info) = pod_info(&p) {
-                    st.applied += 1;
                     // Skip unchanged objects (status-only churn), so readers
                     // comparing `Arc`s see a change only when there is one.
                     if st.pods.get(&info.uid).is_none_or(|old| **old != info) {
@@ -267,7 +263,6 @@ impl PodCache {
             }
             watcher::Event::Delete(p) => {
                 if let Some(uid) = &p.metadata.uid {
-                    st.deleted += 1;
                     st.pods.remove(uid);
                 }
             }
