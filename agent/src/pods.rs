@@ -14,10 +14,7 @@ use std::{
 
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
-use kube::{
-    Api, Client,
-    runtime::{WatchStreamExt as _, watcher},
-};
+use kube::{Api, Client, runtime::watcher};
 
 /// Label the Deployment controller puts on the pods of each ReplicaSet it
 /// makes, and appends to the ReplicaSet's name.
@@ -282,20 +279,35 @@ pub fn watcher_config(node_name: &str) -> watcher::Config {
     watcher::Config::default().fields(&format!("spec.nodeName={node_name}"))
 }
 
+/// First and longest wait between attempts of a failing watch.
+const RETRY_FIRST: Duration = Duration::from_millis(800);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
 /// Watches this node's pods into `cache` until the task is dropped. Errors
-/// (API server down, RBAC, a bad object) are logged and retried with the
-/// watcher's exponential backoff; they never end the watch.
+/// (API server down, RBAC, a bad object) are logged and retried with
+/// exponential backoff (0.8 s doubling to 60 s); they never end the watch.
+///
+/// The backoff is ours, not kube's `default_backoff()`: the watcher yields
+/// `Ok(Init)` before every relist attempt, which resets kube's backoff, so a
+/// refused connection was retried every second forever. Here only an event
+/// carrying data (a listed or watched pod, the end of a list) counts as
+/// recovery.
 pub async fn watch(client: Client, config: WatchConfig, cache: PodCache) {
     let api: Api<Pod> = Api::all(client);
-    let stream = watcher(api, watcher_config(&config.node_name)).default_backoff();
+    let stream = watcher(api, watcher_config(&config.node_name));
     let mut stream = std::pin::pin!(stream);
+    let mut delay = RETRY_FIRST;
     let mut failing = false;
     while let Some(ev) = stream.next().await {
         match ev {
             Ok(ev) => {
-                if failing {
+                let data = !matches!(ev, watcher::Event::Init);
+                if failing && data {
                     tracing::info!(node = %config.node_name, "pod watch recovered");
                     failing = false;
+                }
+                if data {
+                    delay = RETRY_FIRST;
                 }
                 let done = matches!(ev, watcher::Event::InitDone);
                 cache.apply(ev);
@@ -307,12 +319,14 @@ pub async fn watch(client: Client, config: WatchConfig, cache: PodCache) {
                 // Once per outage at warn, then at debug: a long outage must
                 // not flood the log.
                 if failing {
-                    tracing::debug!(error = %e, "pod watch still failing; retrying");
+                    tracing::debug!(error = %e, retry_in = ?delay, "pod watch still failing");
                 } else {
-                    tracing::warn!(error = %e, node = %config.node_name,
+                    tracing::warn!(error = %e, node = %config.node_name, retry_in = ?delay,
                         "pod watch failed; retrying with backoff (workloads keep their cgroup identity meanwhile)");
                     failing = true;
                 }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(RETRY_MAX);
             }
         }
     }
@@ -640,21 +654,32 @@ mod tests {
                 cache.clone(),
             ));
 
-            // A failing API server first: the watch keeps going.
+            // A failing API server first: the watch keeps going, backing
+            // off 0.8 s, then 1.6 s (the relist's `Init` must not reset it).
+            let fail = || {
+                let mut res = json(&serde_json::json!({"kind": "Status", "apiVersion": "v1",
+                    "status": "Failure", "code": 500, "reason": "InternalError", "message": "etcd down"}));
+                *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                res
+            };
             let (req, send) = next(&mut handle).await;
             assert_list(&req);
-            let mut res = json(&serde_json::json!({"kind": "Status", "apiVersion": "v1",
-                "status": "Failure", "code": 500, "reason": "InternalError", "message": "etcd down"}));
-            *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-            send.send_response(res);
-
-            let (req, send) = next(&mut handle).await;
-            assert_list(&req);
-            assert!(!cache.is_synced());
-            send.send_response(json(&serde_json::json!({
-                "apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "100"},
-                "items": [with_rv(pod("u1", "a", serde_json::json!({"v": "1"})), "90")],
-            })));
+            send.send_response(fail());
+            for min_wait in [RETRY_FIRST, RETRY_FIRST * 2] {
+                let at = tokio::time::Instant::now();
+                let (req, send) = next(&mut handle).await;
+                assert!(at.elapsed() >= min_wait, "retried after {:?}", at.elapsed());
+                assert_list(&req);
+                if min_wait == RETRY_FIRST {
+                    send.send_response(fail());
+                    continue;
+                }
+                assert!(!cache.is_synced());
+                send.send_response(json(&serde_json::json!({
+                    "apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "100"},
+                    "items": [with_rv(pod("u1", "a", serde_json::json!({"v": "1"})), "90")],
+                })));
+            }
 
             let (req, send) = next(&mut handle).await;
             assert_watch(&req, "100");
