@@ -7,14 +7,20 @@
 //!   (uid with `_` for `-`; `crio-<id>.scope` for CRI-O, `docker-<id>.scope`);
 //! - cgroupfs: `kubepods/burstable/pod<uid>/<id>`.
 //!
-//! The Pod watch that turns a UID into namespace, name and labels is not
-//! here yet; until then a workload is named by pod UID, or by its cgroup path.
+//! With a [`PodCache`] (the Pod watch, [`crate::pods`]) a pod's workload is
+//! `<namespace>/<pod>` with its labels and owner; until the watch knows the
+//! UID it is `pod/<uid>`, and outside Kubernetes the cgroup path. Unknown
+//! cgroups are `unattributed/<id>`: counted, never dropped.
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
-use crate::policy::WorkloadMeta;
+use crate::{
+    pods::{PodCache, PodInfo},
+    policy::WorkloadMeta,
+};
 
 /// Quality-of-service class of a pod, from its cgroup path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,8 +144,9 @@ fn parse_scope(scope: &str) -> Option<(String, String)> {
 /// A resolved workload.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
-    /// The identity detections name: `pod/<uid>`, the cgroup path, or
-    /// `unattributed/<cgroup id>`.
+    /// The identity detections name: `<namespace>/<pod>` once the Pod watch
+    /// knows the pod, `pod/<uid>` before, the cgroup path outside
+    /// Kubernetes, or `unattributed/<cgroup id>`.
     pub id: String,
     /// The cgroup path, when found.
     pub cgroup_path: Option<PathBuf>,
@@ -147,6 +154,57 @@ pub struct Workload {
     pub pod: Option<PodCgroup>,
     /// Namespace and labels for policy overrides (empty until the Pod watch).
     pub meta: WorkloadMeta,
+    /// What the Pod watch knows (owner, node, images), once it knows it.
+    pub pod_info: Option<Arc<PodInfo>>,
+}
+
+impl Workload {
+    /// The container this cgroup belongs to, when the path names one and
+    /// the Pod watch has reported it.
+    pub fn container(&self) -> Option<&crate::pods::ContainerInfo> {
+        let id = self.pod.as_ref()?.container_id.as_deref()?;
+        self.pod_info.as_ref()?.container(id)
+    }
+
+    /// The stream's `Workload` message for this workload (cgroup `cgroup_id`
+    /// below the mount `cgroup_root`): namespace, pod, container, owner and
+    /// labels when the Pod watch knows the pod; the cgroup path (relative to
+    /// the mount, as the contract says) always.
+    pub fn to_proto(&self, cgroup_id: u64, cgroup_root: &Path) -> exfilguard_proto::v1::Workload {
+        let info = self.pod_info.as_deref();
+        let owner = info.and_then(|p| p.owner.as_ref());
+        exfilguard_proto::v1::Workload {
+            namespace: info.map(|p| p.namespace.clone()).unwrap_or_default(),
+            pod: info.map(|p| p.name.clone()).unwrap_or_default(),
+            container: self.container().map(|c| c.name.clone()).unwrap_or_default(),
+            cgroup_path: self
+                .cgroup_path
+                .as_ref()
+                .map(|p| {
+                    let rel = p.strip_prefix(cgroup_root).unwrap_or(p);
+                    format!("/{}", rel.display())
+                })
+                .unwrap_or_default(),
+            cgroup_id,
+            owner_kind: owner.map(|o| o.kind.clone()).unwrap_or_default(),
+            owner_name: owner.map(|o| o.name.clone()).unwrap_or_default(),
+            labels: info
+                .map(|p| p.labels.clone().into_iter().collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Names the workload after `info` (namespace/name, labels). The name
+    /// is set once: a pod's namespace and name never change for its UID,
+    /// so detector state keyed by it stays whole; labels follow edits.
+    fn attribute(&mut self, info: Arc<PodInfo>) {
+        self.id = format!("{}/{}", info.namespace, info.name);
+        self.meta = WorkloadMeta {
+            namespace: Some(info.namespace.clone()),
+            labels: info.labels.clone(),
+        };
+        self.pod_info = Some(info);
+    }
 }
 
 /// Maps cgroup ids to workloads, walking the cgroup mount on a miss.
@@ -156,6 +214,7 @@ pub struct Resolver {
     cache: HashMap<u64, Workload>,
     /// Ids not found in the last walk; retried after the next walk only.
     walks: u64,
+    pods: Option<PodCache>,
 }
 
 /// Upper bound on directories visited per walk, so a huge or looping tree
@@ -169,7 +228,13 @@ impl Resolver {
             root: root.into(),
             cache: HashMap::new(),
             walks: 0,
+            pods: None,
         }
+    }
+
+    /// Names pod workloads from `pods` (the Pod watch's cache) from now on.
+    pub fn set_pods(&mut self, pods: PodCache) {
+        self.pods = Some(pods);
     }
 
     /// Walks done so far (for the metrics and tests).
@@ -188,9 +253,23 @@ impl Resolver {
                 cgroup_path: None,
                 pod: None,
                 meta: WorkloadMeta::default(),
+                pod_info: None,
             });
         }
-        &self.cache[&cgroup_id]
+        let w = self.cache.get_mut(&cgroup_id).expect("inserted above");
+        if let (Some(pods), Some(pod)) = (&self.pods, &w.pod) {
+            // One map lookup per call; the entry changes only when the pod
+            // object did. A pod that left the cache (deleted) keeps its last
+            // name for the flows still draining from its cgroup.
+            if let Some(info) = pods.get(&pod.pod_uid)
+                && w.pod_info
+                    .as_ref()
+                    .is_none_or(|old| !Arc::ptr_eq(old, &info))
+            {
+                w.attribute(info);
+            }
+        }
+        w
     }
 
     /// Drops cached entries (e.g. unattributed ones, to retry them).
@@ -240,6 +319,7 @@ pub fn workload_for(root: &Path, dir: &Path) -> Workload {
         cgroup_path: Some(dir.to_owned()),
         pod,
         meta: WorkloadMeta::default(),
+        pod_info: None,
     }
 }
 
@@ -333,6 +413,83 @@ mod tests {
         assert_eq!(r.walks(), 2);
         r.resolve(u64::MAX);
         assert_eq!(r.walks(), 2, "unknown ids are cached too");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    fn pod_event(
+        labels: serde_json::Value,
+    ) -> kube::runtime::watcher::Event<k8s_openapi::api::core::v1::Pod> {
+        kube::runtime::watcher::Event::Apply(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "etl-0", "namespace": "data", "uid": UID, "labels": labels,
+                    "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet",
+                        "name": "etl", "uid": "u", "controller": true}]},
+                "spec": {"nodeName": "n1", "containers": [{"name": "etl", "image": "etl:1"}]},
+                "status": {"containerStatuses": [{"name": "etl", "image": "etl:1",
+                    "imageID": "registry/etl@sha256:bb", "containerID": format!("containerd://{CID}"),
+                    "ready": true, "restartCount": 0}]},
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn pods_from_the_watch_name_workloads() {
+        let root =
+            std::env::temp_dir().join(format!("exfilguard-attr-pods-{}", std::process::id()));
+        let dir = root.join(format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{CID}.scope",
+            UID.replace('-', "_")
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let id = crate::datapath::cgroup_id(&dir).unwrap();
+        let pods = PodCache::new();
+        let mut r = Resolver::new(&root);
+        r.set_pods(pods.clone());
+        // Not known to the watch yet: named by UID, still counted.
+        assert_eq!(r.resolve(id).id, format!("pod/{UID}"));
+        pods.apply(pod_event(serde_json::json!({"app": "etl"})));
+        let w = r.resolve(id).clone();
+        assert_eq!(w.id, "data/etl-0");
+        assert_eq!(w.meta.namespace.as_deref(), Some("data"));
+        assert_eq!(w.meta.labels["app"], "etl");
+        let info = w.pod_info.as_ref().unwrap();
+        assert_eq!(info.owner.as_ref().unwrap().name, "etl");
+        let c = w.container().unwrap();
+        assert_eq!(
+            (c.name.as_str(), c.image_id.as_str()),
+            ("etl", "registry/etl@sha256:bb")
+        );
+        let msg = w.to_proto(id, &root);
+        assert_eq!(
+            (
+                msg.namespace.as_str(),
+                msg.pod.as_str(),
+                msg.container.as_str()
+            ),
+            ("data", "etl-0", "etl")
+        );
+        assert_eq!(
+            (msg.owner_kind.as_str(), msg.owner_name.as_str()),
+            ("StatefulSet", "etl")
+        );
+        assert_eq!((msg.cgroup_id, msg.labels["app"].as_str()), (id, "etl"));
+        assert!(
+            msg.cgroup_path.starts_with("/kubepods.slice/") && msg.cgroup_path.ends_with(".scope"),
+            "{}",
+            msg.cgroup_path
+        );
+        // A label edit reaches policy matching.
+        pods.apply(pod_event(
+            serde_json::json!({"app": "etl", "tier": "batch"}),
+        ));
+        assert_eq!(r.resolve(id).meta.labels["tier"], "batch");
+        // Deleted pod: the last name stays for the flows still draining.
+        pods.apply(match pod_event(serde_json::json!({})) {
+            kube::runtime::watcher::Event::Apply(p) => kube::runtime::watcher::Event::Delete(p),
+            _ => unreachable!(),
+        });
+        assert_eq!(r.resolve(id).id, "data/etl-0");
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

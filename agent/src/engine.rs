@@ -9,7 +9,7 @@ use std::{
 };
 
 use crate::{
-    attribution::{Resolver, Workload},
+    attribution::Resolver,
     datapath::events::{DnsDirection, DnsRecord},
     detect::{Detection, Phase, dns::DnsDetector, volume::VolumeDetector},
     flows::FlowDelta,
@@ -58,6 +58,16 @@ impl Engine {
         }
     }
 
+    /// Names pod workloads from the Pod watch's cache from now on.
+    pub fn set_pods(&mut self, pods: crate::pods::PodCache) {
+        self.resolver.set_pods(pods);
+    }
+
+    /// The workload of `cgroup_id` (as the detectors see it).
+    pub fn workload(&mut self, cgroup_id: u64) -> &crate::attribution::Workload {
+        self.resolver.resolve(cgroup_id)
+    }
+
     /// The policy in force.
     pub fn policy(&self) -> &Policy {
         &self.policy
@@ -67,11 +77,6 @@ impl Engine {
     pub fn set_policy(&mut self, policy: Policy) {
         self.policy = Arc::new(policy);
         self.resolver.forget_unattributed();
-    }
-
-    /// The workload of a cgroup id.
-    pub fn workload(&mut self, cgroup_id: u64) -> Workload {
-        self.resolver.resolve(cgroup_id).clone()
     }
 
     /// Every cgroup id seen for the workload of `cgroup_id`, itself included.

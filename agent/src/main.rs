@@ -12,6 +12,7 @@ use exfilguard_agent::{
     engine::Engine,
     flows::FlowTracker,
     metrics::Metrics,
+    pods::{self, PodCache},
     policy::Policy,
     stream::{StreamConfig, StreamHandle, TlsFiles},
     telemetry, uplink,
@@ -113,8 +114,75 @@ struct RunArgs {
     /// endpoints; `off` disables them.
     #[arg(long, env = "EXFILGUARD_METRICS_ADDR", default_value = "0.0.0.0:9464")]
     metrics_addr: String,
+    /// Name pod workloads (namespace, name, labels, owner, images) from a
+    /// watch of this node's Pods. `auto`: on when running in a pod
+    /// (KUBERNETES_SERVICE_HOST) or KUBECONFIG is set.
+    #[arg(
+        long,
+        env = "EXFILGUARD_KUBERNETES",
+        value_enum,
+        default_value = "auto"
+    )]
+    kubernetes: Kubernetes,
+    /// This node's name: the Pod watch's `spec.nodeName`, and who the agent
+    /// is to the controller (its certificate must name it). From the
+    /// downward API in the DaemonSet. Default: the host name.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
     #[command(flatten)]
     controller: ControllerArgs,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Kubernetes {
+    Auto,
+    On,
+    Off,
+}
+
+/// How long `run` waits for the first Pod list before counting, so the
+/// first detections already carry pod names. Nothing is lost by waiting: the
+/// kernel counters keep counting and the first poll reads them whole.
+const POD_SYNC_WAIT: Duration = Duration::from_secs(10);
+
+/// Starts the Pod watch when asked to (or, for `auto`, when Kubernetes is
+/// there). Failures are retried in the task, never fatal.
+fn start_pod_watch(mode: Kubernetes, node_name: Option<String>) -> Option<PodCache> {
+    let on = match mode {
+        Kubernetes::Off => false,
+        Kubernetes::On => true,
+        Kubernetes::Auto => pods::detected(|k| std::env::var(k).ok()),
+    };
+    if !on {
+        tracing::info!("Kubernetes attribution off: workloads are named by cgroup path");
+        return None;
+    }
+    let node_name = node_name.filter(|n| !n.is_empty()).unwrap_or_else(|| {
+        let host = hostname();
+        tracing::warn!(node = %host, "--node-name/NODE_NAME not set: watching pods of the node named like this host");
+        host
+    });
+    let cache = PodCache::new();
+    tokio::spawn(pods::connect_and_watch(
+        pods::WatchConfig {
+            node_name: node_name.clone(),
+        },
+        cache.clone(),
+    ));
+    tracing::info!(node = %node_name, "watching this node's pods for attribution");
+    Some(cache)
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
+    // when the name fits, and a truncated name is cut at the buffer's end.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 /// Where detections and flow reports go, and who we are to the controller.
@@ -125,9 +193,6 @@ struct ControllerArgs {
     /// Controller endpoint, `https://host:port` (`http://` with `--insecure`).
     #[arg(long, env = "EXFILGUARD_CONTROLLER")]
     controller: Option<String>,
-    /// This node's name (must match the agent certificate). Default: the host name.
-    #[arg(long, env = "NODE_NAME")]
-    node_name: Option<String>,
     /// CA certificate that signed the controller's certificate (PEM).
     #[arg(long, env = "EXFILGUARD_TLS_CA")]
     tls_ca: Option<PathBuf>,
@@ -161,16 +226,9 @@ struct ControllerArgs {
 
 impl ControllerArgs {
     /// The stream configuration, or `None` standalone.
-    fn stream_config(&self) -> anyhow::Result<Option<StreamConfig>> {
+    fn stream_config(&self, node: String) -> anyhow::Result<Option<StreamConfig>> {
         let Some(endpoint) = &self.controller else {
             return Ok(None);
-        };
-        let node = match &self.node_name {
-            Some(n) => n.clone(),
-            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .context("reading the host name (or pass --node-name)")?
-                .trim()
-                .to_string(),
         };
         let mut config = StreamConfig::new(endpoint.clone(), node, &self.journal_dir);
         config.journal_max_bytes = self.journal_max_bytes;
@@ -310,8 +368,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         cgroup_root,
         metrics_addr,
         controller,
+        kubernetes,
+        node_name,
     } = args;
-    let stream_config = controller.stream_config()?;
+    let node_name = node_name.filter(|n| !n.is_empty());
+    let stream_config = controller.stream_config(node_name.clone().unwrap_or_else(hostname))?;
     let policy = match &policy_path {
         Some(p) => Policy::load(p).with_context(|| format!("policy {}", p.display()))?,
         None => Policy::default(),
@@ -339,6 +400,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         policy_path.clone(),
         metrics.clone(),
     );
+    let pod_cache = start_pod_watch(kubernetes, node_name);
+    if let Some(cache) = &pod_cache {
+        engine.set_pods(cache.clone());
+    }
     let pinned = !no_pin;
     let config = DatapathConfig {
         cgroup_path: cgroup,
@@ -364,6 +429,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // open for as long as it is registered.
     let events_fd = unsafe { AsyncFd::register_with_interest(ring_fd, Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("registering the ring buffer with the reactor: {e}"))?;
+    if let Some(cache) = &pod_cache
+        && !cache.wait_synced(POD_SYNC_WAIT).await
+    {
+        tracing::warn!(
+            "no Pod list after {POD_SYNC_WAIT:?}: starting anyway; pods are named by UID until the watch catches up"
+        );
+    }
     let mut ticker = tokio::time::interval(poll_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -413,10 +485,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let deltas = tracker.update(&snapshot);
                 if print {
                     for d in &deltas {
+                        let w = engine.workload(d.id.cgroup_id);
+                        let owner = w.pod_info.as_ref().and_then(|p| p.owner.as_ref());
                         let line = serde_json::json!({"flow": {
                             "cgroup_id": d.id.cgroup_id, "remote": d.id.remote, "port": d.id.port,
                             "proto": d.id.proto, "bytes": d.bytes, "packets": d.packets,
-                            "external": d.external,
+                            "external": d.external, "workload": w.id,
+                            "owner": owner.map(|o| format!("{}/{}", o.kind, o.name)),
                         }});
                         println!("{line}");
                     }
@@ -425,16 +500,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 if stream.is_some() {
                     reports.add(&deltas, |cg| {
                         let w = engine.workload(cg);
-                        let pw = uplink::workload(&w, cg, &cgroup_root);
-                        (w.id, pw)
+                        (w.id.clone(), uplink::workload(w, cg, &cgroup_root))
                     });
                 }
                 for d in engine.evaluate(clock::kernel_now_ns()) {
                     report(&d, print);
                     if let Some((h, node)) = &stream {
                         let cg = engine.cgroup_of(&d.workload).unwrap_or(0);
-                        let w = engine.workload(cg);
-                        if let Some(pd) = uplink::detection(&d, node, uplink::workload(&w, cg, &cgroup_root))
+                        let w = uplink::workload(engine.workload(cg), cg, &cgroup_root);
+                        if let Some(pd) = uplink::detection(&d, node, w)
                             && let Err(e) = h.send_detection(pd).await
                         {
                             tracing::error!(error = %e, rule = d.rule.as_str(), "detection not journaled");
@@ -476,9 +550,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                             // The kernel says so once per CPU and window: report once.
                             let fresh = cap_windows.insert(c.cgroup_id, c.window) != Some(c.window);
                             if let (Some((h, node)), true) = (&stream, fresh) {
-                                let w = engine.workload(c.cgroup_id);
+                                let w = uplink::workload(engine.workload(c.cgroup_id), c.cgroup_id, &cgroup_root);
                                 let window = dp.cap_status(c.cgroup_id).ok().flatten().map(|s| s.window).unwrap_or_default();
-                                let pd = cap_detection(node, uplink::workload(&w, c.cgroup_id, &cgroup_root), c.budget_bytes, c.spent_bytes, window);
+                                let pd = cap_detection(node, w, c.budget_bytes, c.spent_bytes, window);
                                 if let Err(e) = h.send_detection(pd).await {
                                     tracing::error!(error = %e, "cap detection not journaled");
                                 }

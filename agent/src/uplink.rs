@@ -42,31 +42,15 @@ pub fn wall_ms(stamp_ns: u64) -> u64 {
         .unwrap_or(0)
 }
 
-/// The proto form of a workload on this node.
+/// The proto form of a workload on this node: what the Pod watch knows,
+/// and the cgroup path always (the workload's id when the cgroup is gone or
+/// unknown, so the controller still has a name for it).
 pub fn workload(w: &Workload, cgroup_id: u64, cgroup_root: &Path) -> pb::Workload {
-    let cgroup_path = w
-        .cgroup_path
-        .as_deref()
-        .map(|p| {
-            let rel = p.strip_prefix(cgroup_root).unwrap_or(p);
-            format!("/{}", rel.display())
-        })
-        .unwrap_or_else(|| w.id.clone());
-    pb::Workload {
-        namespace: w.meta.namespace.clone().unwrap_or_default(),
-        pod: String::new(),
-        container: String::new(),
-        cgroup_path,
-        cgroup_id,
-        owner_kind: String::new(),
-        owner_name: String::new(),
-        labels: w
-            .meta
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+    let mut p = w.to_proto(cgroup_id, cgroup_root);
+    if p.cgroup_path.is_empty() {
+        p.cgroup_path = w.id.clone();
     }
+    p
 }
 
 /// Kind and severity of a rule. Volume and DNS exfiltration are exfiltration

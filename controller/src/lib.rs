@@ -6,7 +6,9 @@
 //! detections into incidents, see [`correlate`]), [`hub`] fans committed
 //! changes out to watchers and containment commands out to agents, and
 //! [`api`] answers the security team. [`auth`] decides who may do what from
-//! the client certificate; [`server`] wires it all to a listener.
+//! the client certificate; [`server`] wires it all to a listener. [`k8s`]
+//! contains pods in a cluster (label, NetworkPolicy, Event) and defines the
+//! custom resources.
 
 pub mod api;
 pub mod auth;
@@ -17,6 +19,7 @@ pub mod gateway;
 pub mod hub;
 pub mod ingest;
 pub mod json;
+pub mod k8s;
 pub mod node_policy;
 pub mod report;
 pub mod server;

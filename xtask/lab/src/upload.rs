@@ -124,6 +124,17 @@ pub fn run(u: &Upload<'_>, verbose: bool) -> anyhow::Result<Bulk> {
         }
         check_interrupt()?;
     }
+    if bulk.crossed_ms == 0
+        && let Some((t, n)) = prev
+        && n < u.threshold
+        && bulk.sender_end.starts_with("stopped")
+    {
+        // Contained between two progress lines, before the payload itself
+        // reached the threshold (the kernel's count includes headers): the
+        // crossing is extrapolated at the pace from the last line.
+        let at = t + (u.threshold - n) as f64 / u.rate.max(1) as f64;
+        bulk.crossed_ms = (at * 1000.0) as u64;
+    }
     let end = u.sink.wait_for_line(
         "the receiver closing",
         |l| l.starts_with("end "),
