@@ -8,10 +8,12 @@
 //! [`api`] answers the security team. [`auth`] decides who may do what from
 //! the client certificate; [`server`] wires it all to a listener.
 
+pub mod alerts;
 pub mod api;
 pub mod auth;
 pub mod certs;
 pub mod client;
+pub mod config;
 pub mod correlate;
 pub mod gateway;
 pub mod hub;

@@ -12,6 +12,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::{
     Error, Result,
+    alerts::{AlertsConfig, Dispatcher},
     api::IncidentsApi,
     auth::AuthMode,
     correlate::ResponsePolicy,
@@ -45,6 +46,8 @@ pub struct ServerConfig {
     pub max_streams_per_connection: u32,
     /// Response policy.
     pub policy: ResponsePolicy,
+    /// Alert sinks (none: transitions are recorded in the outbox, not sent).
+    pub alerts: AlertsConfig,
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>> {
@@ -72,6 +75,9 @@ pub async fn serve(
         .map(Arc::new)?;
     let hub = Hub::new(1024);
     let ingestor = Ingestor::start(store.clone(), hub.clone(), config.policy, 16 * 1024)?;
+    // Picks up what a previous run left pending, then follows the hub.
+    let dispatcher = Dispatcher::start(store.clone(), &config.alerts, Some(&hub))
+        .map_err(|e| Error::InvalidArgument(format!("alert configuration: {e}")))?;
     let max_msg = config.limits.max_message_bytes;
 
     let gateway = AgentGatewayServer::new(Gateway::new(
@@ -131,7 +137,7 @@ pub async fn serve(
         source,
     })?;
     tracing::info!(%local, tls = config.tls.is_some(), "controller listening");
-    builder
+    let served = builder
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -139,5 +145,7 @@ pub async fn serve(
         .add_service(incidents)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
-        .map_err(|e| Error::Unavailable(format!("server: {e}")))
+        .map_err(|e| Error::Unavailable(format!("server: {e}")));
+    dispatcher.shutdown().await;
+    served
 }

@@ -6,6 +6,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use exfilguard_controller::{
     certs,
+    config::FileConfig,
     correlate::ResponsePolicy,
     gateway::GatewayLimits,
     server::{self, ServerConfig, TlsFiles},
@@ -115,6 +116,9 @@ struct Serve {
     /// Response to high detections.
     #[arg(long, value_enum, default_value = "alert")]
     high_action: Action,
+    /// Config file (YAML) with the alert sinks; see the `config` module docs.
+    #[arg(long, env = "EXFILGUARD_CONFIG")]
+    config: Option<PathBuf>,
 }
 
 fn init_tracing(json: bool) {
@@ -156,6 +160,10 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
         }),
         _ => bail!("--cert, --key and --client-ca are required (or --insecure)"),
     };
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path).context("controller config")?,
+        None => FileConfig::default(),
+    };
     if let Some(parent) = args.db.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
     }
@@ -184,6 +192,7 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
             high: args.high_action.into(),
             low: PolicyAction::Alert,
         },
+        alerts: file.alerts,
     };
     server::serve(config, listener, shutdown_signal())
         .await

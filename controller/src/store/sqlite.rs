@@ -7,6 +7,8 @@
 //! queries from the security team never wait behind a commit's fsync (WAL
 //! readers see the last committed state).
 
+mod outbox;
+
 use std::{path::Path, sync::Mutex};
 
 use exfilguard_proto::v1::{
@@ -22,6 +24,7 @@ use super::{
 };
 use crate::{
     Error, Result,
+    alerts::Transition,
     correlate::{ResponsePolicy, is_active, new_incident_id, workload_key},
     json,
 };
@@ -96,6 +99,8 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX egress_window ON egress(window_end_ms);
     "#,
+    // 2: the alert outbox.
+    outbox::MIGRATION,
 ];
 
 /// The SQLite store.
@@ -481,6 +486,7 @@ impl SqliteStore {
         {
             effects.push(effect);
         }
+        Self::record_alerts(tx, &id, kind, state, now, &actor, &cause)?;
         let canonical = json::detection(&msg.node, msg.seq, d).to_string();
         let sha = Sha256::digest(canonical.as_bytes());
         let sha_hex: String = sha.iter().map(|b| format!("{b:02x}")).collect();
@@ -501,6 +507,43 @@ impl SqliteStore {
             },
         );
         Ok(effects)
+    }
+}
+
+impl SqliteStore {
+    /// Records the alerts of what this detection changed: the opening, and a
+    /// containment it caused (same transaction, so none can be lost).
+    fn record_alerts(
+        tx: &Transaction<'_>,
+        id: &str,
+        kind: IncidentEventKind,
+        state_before: i32,
+        now: u64,
+        actor: &str,
+        cause: &str,
+    ) -> Result<()> {
+        if kind == IncidentEventKind::Opened {
+            outbox::record(
+                tx,
+                id,
+                Transition::Opened,
+                now,
+                actor,
+                &format!("opened: {cause}"),
+            )?;
+        }
+        let state_after = load_incident(tx, id)?.map_or(state_before, |i| i.state);
+        if state_after == IncidentState::Contained as i32 && state_before != state_after {
+            outbox::record(
+                tx,
+                id,
+                Transition::Contained,
+                now,
+                "controller",
+                "lockdown: the workload's egress is blocked",
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -692,6 +735,12 @@ impl Store for SqliteStore {
             &format!("{verb}: {reason}"),
             to as i32,
         )?;
+        let transition = if to == IncidentState::Released {
+            Transition::Released
+        } else {
+            Transition::Resolved
+        };
+        outbox::record(&tx, id, transition, now_ms, actor, reason)?;
         let incident = load_incident(&tx, id)?.ok_or_else(|| not_found(id))?;
         let incident = with_timeline(&tx, incident)?;
         tx.commit().map_err(Error::store("commit"))?;
