@@ -16,13 +16,18 @@
 //!     - name: alertmanager
 //!       kind: alertmanager
 //!       url: {value: "http://alertmanager.monitoring:9093"}
+//! reports:
+//!   time_zone: Europe/Berlin     # local times beside UTC in reports
 //! ```
 
 use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::alerts::{AlertsConfig, ConfigError};
+use crate::{
+    alerts::{AlertsConfig, ConfigError},
+    report::{ReportConfig, parse_zone},
+};
 
 /// Everything the config file may hold; unknown keys are errors (a typo must
 /// not silently disable a sink).
@@ -32,6 +37,9 @@ pub struct FileConfig {
     /// Alert sinks and their retry policy.
     #[serde(default)]
     pub alerts: AlertsConfig,
+    /// Report settings (local time zone).
+    #[serde(default)]
+    pub reports: ReportConfig,
 }
 
 impl FileConfig {
@@ -46,6 +54,10 @@ impl FileConfig {
             message: e.to_string(),
         })?;
         config.alerts.resolve()?;
+        parse_zone(&config.reports.time_zone).map_err(|message| ConfigError::Invalid {
+            sink: "reports.time_zone".into(),
+            message,
+        })?;
         Ok(config)
     }
 }

@@ -12,9 +12,10 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::{
     Error, Result,
-    alerts::{AlertsConfig, Dispatcher},
+    alerts::Dispatcher,
     api::IncidentsApi,
     auth::AuthMode,
+    config::FileConfig,
     correlate::ResponsePolicy,
     gateway::{Gateway, GatewayLimits},
     hub::Hub,
@@ -46,8 +47,9 @@ pub struct ServerConfig {
     pub max_streams_per_connection: u32,
     /// Response policy.
     pub policy: ResponsePolicy,
-    /// Alert sinks (none: transitions are recorded in the outbox, not sent).
-    pub alerts: AlertsConfig,
+    /// Settings from the config file: alert sinks (none: transitions are
+    /// recorded in the outbox, not sent) and the reports' time zone.
+    pub file: FileConfig,
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>> {
@@ -76,7 +78,7 @@ pub async fn serve(
     let hub = Hub::new(1024);
     let ingestor = Ingestor::start(store.clone(), hub.clone(), config.policy, 16 * 1024)?;
     // Picks up what a previous run left pending, then follows the hub.
-    let dispatcher = Dispatcher::start(store.clone(), &config.alerts, Some(&hub))
+    let dispatcher = Dispatcher::start(store.clone(), &config.file.alerts, Some(&hub))
         .map_err(|e| Error::InvalidArgument(format!("alert configuration: {e}")))?;
     let max_msg = config.limits.max_message_bytes;
 
@@ -89,9 +91,12 @@ pub async fn serve(
     ))
     .max_decoding_message_size(max_msg)
     .max_encoding_message_size(max_msg);
-    let incidents = IncidentsServer::new(IncidentsApi::new(mode, store, hub))
-        .max_decoding_message_size(max_msg)
-        .max_encoding_message_size(max_msg);
+    let zone = crate::report::parse_zone(&config.file.reports.time_zone)
+        .map_err(|e| Error::InvalidArgument(format!("reports.time_zone: {e}")))?;
+    let incidents =
+        IncidentsServer::new(IncidentsApi::new(mode, store, hub).with_report_zone(zone))
+            .max_decoding_message_size(max_msg)
+            .max_encoding_message_size(max_msg);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AgentGatewayServer<Gateway>>().await;

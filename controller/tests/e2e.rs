@@ -408,6 +408,51 @@ fn detections_become_incidents_that_exfilctl_shows_contains_and_releases() {
             report.contains(&format!("# Incident {id}")) && report.contains("72-hour"),
             "{report}"
         );
+        // HTML over the real API: self-contained, with the chart.
+        let html = exfilctl(
+            &c,
+            &pki,
+            "viewer",
+            &["incidents", "report", &id, "--format", "html"],
+        );
+        let html = String::from_utf8_lossy(&html.stdout);
+        assert!(
+            html.starts_with("<!DOCTYPE html>") && html.contains("<svg id=\"egress-chart\""),
+            "{html}"
+        );
+        // A draft in a requested zone, with its gaps marked.
+        let brief = exfilctl(
+            &c,
+            &pki,
+            "viewer",
+            &[
+                "incidents",
+                "report",
+                &id,
+                "--template",
+                "executive-brief",
+                "--time-zone",
+                "Europe/Berlin",
+            ],
+        );
+        let brief = String::from_utf8_lossy(&brief.stdout);
+        assert!(
+            brief.contains("Time Sensitive Security Update")
+                && brief.contains("Europe/Berlin")
+                && brief.contains("[GAP:"),
+            "{brief}"
+        );
+        let bad = exfilctl(
+            &c,
+            &pki,
+            "viewer",
+            &["incidents", "report", &id, "--time-zone", "Mars/Olympus"],
+        );
+        assert!(
+            !bad.status.success()
+                && String::from_utf8_lossy(&bad.stderr).contains("unknown time zone"),
+            "{bad:?}"
+        );
 
         // A viewer may not release; a responder may, and the agent gets the Unblock.
         let denied = exfilctl(

@@ -488,7 +488,7 @@ fn child_process() {
                 limits: GatewayLimits::default(),
                 max_streams_per_connection: 64,
                 policy: ResponsePolicy::default(),
-                alerts: Default::default(),
+                file: Default::default(),
             };
             server::serve(config, listener, std::future::pending()).await.expect("serve");
         }),

@@ -192,7 +192,7 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
             high: args.high_action.into(),
             low: PolicyAction::Alert,
         },
-        alerts: file.alerts,
+        file,
     };
     server::serve(config, listener, shutdown_signal())
         .await

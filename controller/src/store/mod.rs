@@ -136,6 +136,17 @@ pub struct IncidentPage {
     pub next: Option<Cursor>,
 }
 
+/// One flow-report window of a workload's egress (summed over its reports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EgressPoint {
+    /// Window end (Unix ms).
+    pub window_end_ms: u64,
+    /// Bytes to destinations outside the cluster.
+    pub external_bytes: u64,
+    /// Bytes to destinations inside the cluster.
+    pub internal_bytes: u64,
+}
+
 /// An incident transition's alert that has not been routed to sinks yet.
 #[derive(Debug, Clone)]
 pub struct UnroutedAlert {
@@ -260,4 +271,12 @@ pub trait Store: Outbox + Send + Sync {
     ) -> Result<Vec<Talker>>;
     /// Known agents (`connected` left false; the hub knows who is connected).
     fn list_nodes(&self) -> Result<Vec<Node>>;
+    /// A workload's egress per window ending in `[from_ms, to_ms]`, oldest first
+    /// (for the report's chart). `workload_key` as [`crate::correlate::workload_key`].
+    fn egress_series(
+        &self,
+        workload_key: &str,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Result<Vec<EgressPoint>>;
 }

@@ -20,7 +20,8 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use sha2::{Digest, Sha256};
 
 use super::{
-    AgentInfo, Cursor, Effect, IncidentFilter, IncidentPage, Ingest, IngestOutcome, Payload, Store,
+    AgentInfo, Cursor, Effect, EgressPoint, IncidentFilter, IncidentPage, Ingest, IngestOutcome,
+    Payload, Store,
 };
 use crate::{
     Error, Result,
@@ -846,6 +847,33 @@ impl Store for SqliteStore {
             .map_err(Error::store("nodes"))?;
         rows.collect::<rusqlite::Result<_>>()
             .map_err(Error::store("nodes"))
+    }
+
+    fn egress_series(
+        &self,
+        workload_key: &str,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Result<Vec<EgressPoint>> {
+        let conn = self.reader()?;
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT window_end_ms, SUM(external_bytes), SUM(internal_bytes) FROM egress
+                 WHERE window_end_ms BETWEEN ?1 AND ?2 AND workload_key = ?3
+                 GROUP BY window_end_ms ORDER BY window_end_ms LIMIT 10000",
+            )
+            .map_err(Error::store("egress series"))?;
+        let rows = stmt
+            .query_map(params![from_ms, to_ms, workload_key], |r| {
+                Ok(EgressPoint {
+                    window_end_ms: r.get(0)?,
+                    external_bytes: r.get(1)?,
+                    internal_bytes: r.get(2)?,
+                })
+            })
+            .map_err(Error::store("egress series"))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(Error::store("egress series"))
     }
 }
 
