@@ -30,6 +30,8 @@ const MAX_IN_FLIGHT: usize = 32;
 /// Longest sleep between passes when nothing is due and nothing woke us
 /// (covers a wake-up missed while a pass ran).
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// Shortest time between two passes.
+const MIN_PASS_GAP: Duration = Duration::from_millis(20);
 
 /// Handle to the running outbox worker; [`Dispatcher::shutdown`] stops it.
 pub struct Dispatcher {
@@ -91,15 +93,17 @@ impl Dispatcher {
     }
 }
 
+/// Waits for an incident event, then swallows the ones already queued: a
+/// burst of detections is one wake-up, not one outbox pass each.
 async fn next_event(events: &mut Option<broadcast::Receiver<exfilguard_proto::v1::IncidentEvent>>) {
-    match events {
-        Some(rx) => {
-            if let Err(broadcast::error::RecvError::Closed) = rx.recv().await {
-                *events = None;
-            }
-        }
-        None => std::future::pending().await,
+    let Some(rx) = events else {
+        return std::future::pending().await;
+    };
+    if let Err(broadcast::error::RecvError::Closed) = rx.recv().await {
+        *events = None;
+        return;
     }
+    while let Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) = rx.try_recv() {}
 }
 
 async fn run(
@@ -110,6 +114,9 @@ async fn run(
 ) {
     let mut tasks = JoinSet::new();
     loop {
+        // At most one pass per MIN_PASS_GAP however often we are woken, so a
+        // stream of incident events does not turn into a stream of queries.
+        let started = tokio::time::Instant::now();
         let wait = match pass(&inner, &mut tasks).await {
             // Due now but already in flight: the task's end wakes us.
             Ok(Some(next)) if next <= now_ms() && !tasks.is_empty() => IDLE_POLL,
@@ -128,6 +135,7 @@ async fn run(
             _ = tokio::time::sleep(wait) => {}
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
+        tokio::time::sleep_until(started + MIN_PASS_GAP).await;
     }
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}

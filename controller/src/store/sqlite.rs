@@ -533,8 +533,12 @@ impl SqliteStore {
                 &format!("opened: {cause}"),
             )?;
         }
+        // Only an open incident can have just been contained: skip the read otherwise.
+        if state_before != IncidentState::Open as i32 {
+            return Ok(());
+        }
         let state_after = load_incident(tx, id)?.map_or(state_before, |i| i.state);
-        if state_after == IncidentState::Contained as i32 && state_before != state_after {
+        if state_after == IncidentState::Contained as i32 {
             outbox::record(
                 tx,
                 id,
