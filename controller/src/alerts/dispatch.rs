@@ -152,15 +152,23 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 async fn pass(inner: &Arc<Inner>, tasks: &mut JoinSet<()>) -> Result<Option<u64>> {
     let store = inner.store.clone();
     let unrouted = blocking(move || store.unrouted_alerts(256)).await?;
-    for u in unrouted {
-        let names: Vec<String> = inner
-            .order
-            .iter()
-            .filter(|n| inner.sinks[*n].takes(&u.alert.severity))
-            .cloned()
-            .collect();
+    // One transaction (one fsync) for the whole batch: a burst of new
+    // incidents must not compete with ingest commit by commit.
+    let routes: Vec<(i64, Vec<String>)> = unrouted
+        .into_iter()
+        .map(|u| {
+            let names = inner
+                .order
+                .iter()
+                .filter(|n| inner.sinks[*n].takes(&u.alert.severity))
+                .cloned()
+                .collect();
+            (u.event_id, names)
+        })
+        .collect();
+    if !routes.is_empty() {
         let store = inner.store.clone();
-        blocking(move || store.route_alert(u.event_id, &names, now_ms())).await?;
+        blocking(move || store.route_alerts(&routes, now_ms())).await?;
     }
     let store = inner.store.clone();
     let due = blocking(move || store.due_deliveries(now_ms(), (MAX_IN_FLIGHT * 4) as u32)).await?;

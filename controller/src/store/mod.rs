@@ -206,8 +206,9 @@ pub struct DeliveryStatus {
 pub trait Outbox: Send + Sync {
     /// Alerts not yet fanned out to sinks, oldest first.
     fn unrouted_alerts(&self, limit: u32) -> Result<Vec<UnroutedAlert>>;
-    /// Creates one outbox row per sink for the alert (idempotent) and marks it routed.
-    fn route_alert(&self, event_id: i64, sinks: &[String], now_ms: u64) -> Result<()>;
+    /// For each `(event_id, sinks)`: creates one outbox row per sink
+    /// (idempotent) and marks the alert routed; one transaction for all.
+    fn route_alerts(&self, routes: &[(i64, Vec<String>)], now_ms: u64) -> Result<()>;
     /// Pending rows due at `now_ms`, at most one per (incident, sink) and
     /// always its oldest, so a sink sees an incident's transitions in order.
     fn due_deliveries(&self, now_ms: u64, limit: u32) -> Result<Vec<Delivery>>;

@@ -133,32 +133,37 @@ impl Outbox for SqliteStore {
             .collect())
     }
 
-    fn route_alert(&self, event_id: i64, sinks: &[String], now_ms: u64) -> Result<()> {
+    fn route_alerts(&self, routes: &[(i64, Vec<String>)], now_ms: u64) -> Result<()> {
+        if routes.is_empty() {
+            return Ok(());
+        }
         let mut conn = self.writer()?;
         let tx = conn.transaction().map_err(Error::store("begin"))?;
-        let incident: Option<String> = tx
-            .query_row(
-                "SELECT incident_id FROM alert_events WHERE id = ?1 AND routed = 0",
+        for (event_id, sinks) in routes {
+            let incident: Option<String> = tx
+                .query_row(
+                    "SELECT incident_id FROM alert_events WHERE id = ?1 AND routed = 0",
+                    [event_id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(Error::store("route alert"))?;
+            let Some(incident) = incident else {
+                continue;
+            };
+            for sink in sinks {
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO alert_outbox (event_id, incident_id, sink, next_attempt_ms) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .and_then(|mut s| s.execute(params![event_id, incident, sink, now_ms]))
+                .map_err(Error::store("route alert"))?;
+            }
+            tx.execute(
+                "UPDATE alert_events SET routed = 1 WHERE id = ?1",
                 [event_id],
-                |r| r.get(0),
             )
-            .optional()
-            .map_err(Error::store("route alert"))?;
-        let Some(incident) = incident else {
-            return Ok(());
-        };
-        for sink in sinks {
-            tx.prepare_cached(
-                "INSERT OR IGNORE INTO alert_outbox (event_id, incident_id, sink, next_attempt_ms) VALUES (?1, ?2, ?3, ?4)",
-            )
-            .and_then(|mut s| s.execute(params![event_id, incident, sink, now_ms]))
             .map_err(Error::store("route alert"))?;
         }
-        tx.execute(
-            "UPDATE alert_events SET routed = 1 WHERE id = ?1",
-            [event_id],
-        )
-        .map_err(Error::store("route alert"))?;
         tx.commit().map_err(Error::store("commit"))
     }
 
