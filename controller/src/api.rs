@@ -7,8 +7,9 @@ use std::{pin::Pin, sync::Arc};
 use exfilguard_proto::v1::{
     AcknowledgeIncidentRequest, GetIncidentRequest, GetReportRequest, Incident, IncidentEvent,
     IncidentState, ListIncidentsRequest, ListIncidentsResponse, ListNodesRequest,
-    ListNodesResponse, ReleaseIncidentRequest, Report, ReportFormat, ThrottleIncidentRequest,
-    TopTalkersRequest, TopTalkersResponse, WatchIncidentsRequest, incidents_server,
+    ListNodesResponse, ReleaseIncidentRequest, Report, ReportFormat, ReportTemplate,
+    ThrottleIncidentRequest, TopTalkersRequest, TopTalkersResponse, WatchIncidentsRequest,
+    incidents_server,
 };
 use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::Stream;
@@ -17,6 +18,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     Error, Result,
     auth::{self, AuthMode, Identity, Role},
+    correlate::workload_key,
     hub::Hub,
     report,
     store::{Cursor, IncidentFilter, Store},
@@ -32,12 +34,24 @@ pub struct IncidentsApi {
     mode: AuthMode,
     store: Arc<dyn Store>,
     hub: Arc<Hub>,
+    zone: chrono_tz::Tz,
 }
 
 impl IncidentsApi {
     /// An API over `store`, watching through `hub`.
     pub fn new(mode: AuthMode, store: Arc<dyn Store>, hub: Arc<Hub>) -> Self {
-        Self { mode, store, hub }
+        Self {
+            mode,
+            store,
+            hub,
+            zone: chrono_tz::UTC,
+        }
+    }
+
+    /// Local time zone of reports (default UTC).
+    pub fn with_report_zone(mut self, zone: chrono_tz::Tz) -> Self {
+        self.zone = zone;
+        self
     }
 
     /// Runs a store call off the async runtime (SQLite blocks).
@@ -260,24 +274,53 @@ impl incidents_server::Incidents for IncidentsApi {
         let id = check_id(&r.id)?;
         let format = ReportFormat::try_from(r.format)
             .map_err(|_| Error::InvalidArgument(format!("format: unknown value {}", r.format)))?;
-        let incident = self.blocking(move |s| s.get_incident(&id)).await?;
-        let (format, content_type, content) = match format {
-            ReportFormat::Json => (
-                ReportFormat::Json,
-                "application/json",
-                report::render_json(&incident),
-            ),
-            ReportFormat::Markdown | ReportFormat::Unspecified => (
-                ReportFormat::Markdown,
-                "text/markdown",
-                report::render_markdown(&incident),
-            ),
+        let template = match ReportTemplate::try_from(r.template) {
+            Ok(ReportTemplate::Unspecified) => report::Template::Full,
+            Ok(ReportTemplate::ExecutiveBrief) => report::Template::ExecutiveBrief,
+            Ok(ReportTemplate::InternalEscalation) => report::Template::InternalEscalation,
+            Ok(ReportTemplate::RegulatorNotification) => report::Template::RegulatorNotification,
+            Err(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "template: unknown value {}",
+                    r.template
+                ))
+                .into());
+            }
         };
+        let zone = if r.time_zone.is_empty() {
+            self.zone
+        } else {
+            report::parse_zone(&r.time_zone)
+                .map_err(|m| Error::InvalidArgument(format!("time_zone: {m}")))?
+        };
+        let now = now_ms();
+        let (incident, egress) = self
+            .blocking(move |s| {
+                let incident = s.get_incident(&id)?;
+                let key = workload_key(
+                    &incident.node,
+                    &incident.workload.clone().unwrap_or_default(),
+                );
+                let from = incident
+                    .opened_at_unix_ms
+                    .saturating_sub(report::EGRESS_LOOKBACK_MS);
+                let egress = s.egress_series(&key, from, now)?;
+                Ok((incident, egress))
+            })
+            .await?;
+        let (format, rformat) = match format {
+            ReportFormat::Json => (ReportFormat::Json, report::Format::Json),
+            ReportFormat::Html => (ReportFormat::Html, report::Format::Html),
+            ReportFormat::Markdown | ReportFormat::Unspecified => {
+                (ReportFormat::Markdown, report::Format::Markdown)
+            }
+        };
+        let rendered = report::render(&incident, &egress, now, zone, rformat, template);
         Ok(Response::new(Report {
             id: incident.id,
             format: format as i32,
-            content_type: content_type.into(),
-            content,
+            content_type: rendered.content_type.into(),
+            content: rendered.content,
         }))
     }
 

@@ -10,10 +10,12 @@
 //! contains pods in a cluster (label, NetworkPolicy, Event) and defines the
 //! custom resources.
 
+pub mod alerts;
 pub mod api;
 pub mod auth;
 pub mod certs;
 pub mod client;
+pub mod config;
 pub mod correlate;
 pub mod gateway;
 pub mod hub;

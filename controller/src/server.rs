@@ -12,8 +12,10 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::{
     Error, Result,
+    alerts::Dispatcher,
     api::IncidentsApi,
     auth::AuthMode,
+    config::FileConfig,
     correlate::ResponsePolicy,
     gateway::{Gateway, GatewayLimits},
     hub::Hub,
@@ -47,6 +49,9 @@ pub struct ServerConfig {
     pub policy: ResponsePolicy,
     /// Detector policy pushed to every agent (`--agent-policy`), re-read on SIGHUP.
     pub agent_policy: Option<PathBuf>,
+    /// Settings from the config file: alert sinks (none: transitions are
+    /// recorded in the outbox, not sent) and the reports' time zone.
+    pub file: FileConfig,
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>> {
@@ -107,6 +112,9 @@ pub async fn serve(
         spawn_policy_reload(path.clone(), hub.clone());
     }
     let ingestor = Ingestor::start(store.clone(), hub.clone(), config.policy, 16 * 1024)?;
+    // Picks up what a previous run left pending, then follows the hub.
+    let dispatcher = Dispatcher::start(store.clone(), &config.file.alerts, Some(&hub))
+        .map_err(|e| Error::InvalidArgument(format!("alert configuration: {e}")))?;
     let max_msg = config.limits.max_message_bytes;
 
     let gateway = AgentGatewayServer::new(Gateway::new(
@@ -118,9 +126,12 @@ pub async fn serve(
     ))
     .max_decoding_message_size(max_msg)
     .max_encoding_message_size(max_msg);
-    let incidents = IncidentsServer::new(IncidentsApi::new(mode, store, hub))
-        .max_decoding_message_size(max_msg)
-        .max_encoding_message_size(max_msg);
+    let zone = crate::report::parse_zone(&config.file.reports.time_zone)
+        .map_err(|e| Error::InvalidArgument(format!("reports.time_zone: {e}")))?;
+    let incidents =
+        IncidentsServer::new(IncidentsApi::new(mode, store, hub).with_report_zone(zone))
+            .max_decoding_message_size(max_msg)
+            .max_encoding_message_size(max_msg);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AgentGatewayServer<Gateway>>().await;
@@ -166,7 +177,7 @@ pub async fn serve(
         source,
     })?;
     tracing::info!(%local, tls = config.tls.is_some(), "controller listening");
-    builder
+    let served = builder
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -174,5 +185,7 @@ pub async fn serve(
         .add_service(incidents)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
-        .map_err(|e| Error::Unavailable(format!("server: {e}")))
+        .map_err(|e| Error::Unavailable(format!("server: {e}")));
+    dispatcher.shutdown().await;
+    served
 }

@@ -408,6 +408,51 @@ fn detections_become_incidents_that_exfilctl_shows_contains_and_releases() {
             report.contains(&format!("# Incident {id}")) && report.contains("72-hour"),
             "{report}"
         );
+        // HTML over the real API: self-contained, with the chart.
+        let html = exfilctl(
+            &c,
+            &pki,
+            "viewer",
+            &["incidents", "report", &id, "--format", "html"],
+        );
+        let html = String::from_utf8_lossy(&html.stdout);
+        assert!(
+            html.starts_with("<!DOCTYPE html>") && html.contains("<svg id=\"egress-chart\""),
+            "{html}"
+        );
+        // A draft in a requested zone, with its gaps marked.
+        let brief = exfilctl(
+            &c,
+            &pki,
+            "viewer",
+            &[
+                "incidents",
+                "report",
+                &id,
+                "--template",
+                "executive-brief",
+                "--time-zone",
+                "Europe/Berlin",
+            ],
+        );
+        let brief = String::from_utf8_lossy(&brief.stdout);
+        assert!(
+            brief.contains("Time Sensitive Security Update")
+                && brief.contains("Europe/Berlin")
+                && brief.contains("[GAP:"),
+            "{brief}"
+        );
+        let bad = exfilctl(
+            &c,
+            &pki,
+            "viewer",
+            &["incidents", "report", &id, "--time-zone", "Mars/Olympus"],
+        );
+        assert!(
+            !bad.status.success()
+                && String::from_utf8_lossy(&bad.stderr).contains("unknown time zone"),
+            "{bad:?}"
+        );
 
         // A viewer may not release; a responder may, and the agent gets the Unblock.
         let denied = exfilctl(
@@ -894,4 +939,158 @@ fn insecure_mode_serves_plain_text_and_says_so() {
         String::from_utf8_lossy(&refused.stderr).contains("--cert"),
         "{refused:?}"
     );
+}
+
+/// A webhook sink on 127.0.0.1 that answers 503 while `down`, and otherwise
+/// records each alert's idempotency key (what it processed).
+mod webhook {
+    use std::sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    };
+
+    use axum::{Router, http::HeaderMap, http::StatusCode};
+
+    #[derive(Default)]
+    pub struct Sink {
+        pub down: AtomicBool,
+        pub refused: AtomicUsize,
+        pub processed: Mutex<Vec<String>>,
+    }
+
+    pub async fn start() -> (Arc<Sink>, String) {
+        let sink = Arc::new(Sink::default());
+        let state = sink.clone();
+        let app = Router::new().fallback(move |headers: HeaderMap| {
+            let state = state.clone();
+            async move {
+                if state.down.load(Ordering::SeqCst) {
+                    state.refused.fetch_add(1, Ordering::SeqCst);
+                    return StatusCode::SERVICE_UNAVAILABLE;
+                }
+                let key = headers
+                    .get("idempotency-key")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                state.processed.lock().unwrap().push(key);
+                StatusCode::OK
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hooks/T0K3N", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (sink, url)
+    }
+}
+
+#[test]
+fn alerts_survive_kill_9_of_the_controller_and_reach_the_sink_once() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let db = dir.path().join("c.db");
+    let rt = runtime();
+    let (sink, url) = rt.block_on(webhook::start());
+    sink.down.store(true, Ordering::SeqCst);
+    // The URL (with its token) comes from a file, as a mounted Secret would.
+    let url_file = dir.path().join("webhook-url");
+    std::fs::write(&url_file, format!("{url}\n")).unwrap();
+    let config = dir.path().join("controller.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "alerts:\n  retry: {{initial_backoff_ms: 100, max_backoff_ms: 500, max_attempts: 100}}\n  sinks:\n    - name: security-webhook\n      kind: webhook\n      url: {{file: {}}}\n",
+            url_file.display()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap().to_string();
+    let c = Controller::start(&pki, &db, &["--config", &config]);
+    let id = rt.block_on(async {
+        let (mut agent, _) = Agent::open(as_role(&c, &pki, "agent-node-a").await, "node-a")
+            .await
+            .unwrap();
+        agent
+            .send(detection(1, "db-0", Severity::Critical, 77))
+            .await;
+        // Acked (stored) and contained (Block sent).
+        let mut acked = false;
+        while !acked {
+            if let Some(controller_message::Payload::Ack(a)) =
+                agent.next().await.unwrap().unwrap().payload
+            {
+                acked = a.seq == 1;
+            }
+        }
+        let deadline = Instant::now() + WAIT;
+        while sink.refused.load(Ordering::SeqCst) < 3 {
+            assert!(
+                Instant::now() < deadline,
+                "the controller did not try the sink"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let list = IncidentsClient::new(as_role(&c, &pki, "viewer").await)
+            .list_incidents(ListIncidentsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        list.incidents[0].id.clone()
+    });
+    // Killed while its alerts are still pending; the sink comes back.
+    c.kill9();
+    assert!(sink.processed.lock().unwrap().is_empty());
+    sink.down.store(false, Ordering::SeqCst);
+    let c = Controller::start(&pki, &db, &["--config", &config]);
+    let keys = |n: usize| {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let got = sink.processed.lock().unwrap().clone();
+            if got.len() >= n {
+                // Give a duplicate the chance to show up before judging.
+                std::thread::sleep(Duration::from_millis(300));
+                return sink.processed.lock().unwrap().clone();
+            }
+            assert!(Instant::now() < deadline, "alerts missing: {got:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    assert_eq!(
+        keys(2),
+        [format!("{id}:opened"), format!("{id}:contained")],
+        "after the restart"
+    );
+    // A release through exfilctl is announced too (the hub wakes the outbox).
+    let released = exfilctl(
+        &c,
+        &pki,
+        "responder",
+        &["incidents", "release", &id, "--reason", "drill"],
+    );
+    assert!(released.status.success(), "{released:?}");
+    assert_eq!(
+        keys(3),
+        [
+            format!("{id}:opened"),
+            format!("{id}:contained"),
+            format!("{id}:released")
+        ]
+    );
+    // The timeline records each delivery, and nowhere the secret URL.
+    let show = json_of(&exfilctl(
+        &c,
+        &pki,
+        "viewer",
+        &["incidents", "show", &id, "-o", "json"],
+    ));
+    let timeline = show["timeline"].to_string();
+    assert_eq!(
+        timeline
+            .matches("delivered to sink security-webhook")
+            .count(),
+        3,
+        "{timeline}"
+    );
+    assert!(!timeline.contains("T0K3N"), "{timeline}");
 }

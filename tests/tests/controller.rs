@@ -489,6 +489,7 @@ fn child_process() {
                 max_streams_per_connection: 64,
                 policy: ResponsePolicy::default(),
                 agent_policy: None,
+                file: Default::default(),
             };
             server::serve(config, listener, std::future::pending()).await.expect("serve");
         }),

@@ -6,6 +6,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use exfilguard_controller::{
     certs,
+    config::FileConfig,
     correlate::ResponsePolicy,
     gateway::GatewayLimits,
     server::{self, ServerConfig, TlsFiles},
@@ -120,6 +121,9 @@ struct Serve {
     /// allow_cidrs, allow_domains, egress_proxy_cidrs, hard_cap {bytes, window}.
     #[arg(long, env = "EXFILGUARD_AGENT_POLICY")]
     agent_policy: Option<PathBuf>,
+    /// Config file (YAML) with the alert sinks; see the `config` module docs.
+    #[arg(long, env = "EXFILGUARD_CONFIG")]
+    config: Option<PathBuf>,
 }
 
 fn init_tracing(json: bool) {
@@ -163,6 +167,10 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
         }),
         _ => bail!("--cert, --key and --client-ca are required (or --insecure)"),
     };
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path).context("controller config")?,
+        None => FileConfig::default(),
+    };
     if let Some(parent) = args.db.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
     }
@@ -192,6 +200,7 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
             low: PolicyAction::Alert,
         },
         agent_policy: args.agent_policy,
+        file,
     };
     server::serve(config, listener, shutdown_signal())
         .await

@@ -12,7 +12,7 @@ use exfilguard_proto::v1::{
     Unblock,
 };
 
-use crate::{Result, correlate::ResponsePolicy};
+use crate::{Result, alerts::Alert, correlate::ResponsePolicy};
 
 /// What an agent said about itself in Hello.
 #[derive(Debug, Clone, Default)]
@@ -144,8 +144,108 @@ pub struct IncidentPage {
     pub next: Option<Cursor>,
 }
 
+/// One flow-report window of a workload's egress (summed over its reports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EgressPoint {
+    /// Window end (Unix ms).
+    pub window_end_ms: u64,
+    /// Bytes to destinations outside the cluster.
+    pub external_bytes: u64,
+    /// Bytes to destinations inside the cluster.
+    pub internal_bytes: u64,
+}
+
+/// An incident transition's alert that has not been routed to sinks yet.
+#[derive(Debug, Clone)]
+pub struct UnroutedAlert {
+    /// Its row.
+    pub event_id: i64,
+    /// The alert.
+    pub alert: Alert,
+}
+
+/// One (alert, sink) row of the outbox that is due for an attempt.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// Its row.
+    pub id: i64,
+    /// The sink's configured name.
+    pub sink: String,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// The alert; `None` if its stored record no longer parses (then the
+    /// delivery can only fail, which the timeline records).
+    pub alert: Option<Alert>,
+    /// The incident it belongs to.
+    pub incident_id: String,
+    /// Its transition (`opened`, ...), for timeline entries.
+    pub transition: String,
+}
+
+/// Where an outbox row stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// Waiting for an attempt.
+    Pending,
+    /// The sink took it.
+    Delivered,
+    /// Given up (attempts exhausted or refused).
+    Failed,
+}
+
+/// An outbox row as reported to people and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryStatus {
+    /// The sink's name.
+    pub sink: String,
+    /// The transition.
+    pub transition: String,
+    /// Where it stands.
+    pub state: DeliveryState,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last failure, empty if none.
+    pub last_error: String,
+}
+
+/// The durable alert outbox: every incident transition's alert is written in
+/// the transition's own transaction, then fanned out to one row per sink,
+/// each retried until the sink takes it or it is given up.
+pub trait Outbox: Send + Sync {
+    /// Alerts not yet fanned out to sinks, oldest first.
+    fn unrouted_alerts(&self, limit: u32) -> Result<Vec<UnroutedAlert>>;
+    /// For each `(event_id, sinks)`: creates one outbox row per sink
+    /// (idempotent) and marks the alert routed; one transaction for all.
+    fn route_alerts(&self, routes: &[(i64, Vec<String>)], now_ms: u64) -> Result<()>;
+    /// Pending rows due at `now_ms`, at most one per (incident, sink) and
+    /// always its oldest, so a sink sees an incident's transitions in order.
+    fn due_deliveries(&self, now_ms: u64, limit: u32) -> Result<Vec<Delivery>>;
+    /// When the next pending row is due, if any.
+    fn next_delivery_ms(&self) -> Result<Option<u64>>;
+    /// The sink took it: the row is done and the incident's timeline says so.
+    fn delivered(
+        &self,
+        delivery: &Delivery,
+        attempts: u32,
+        detail: &str,
+        now_ms: u64,
+    ) -> Result<()>;
+    /// The attempt failed; try again at `next_ms`.
+    fn retry_later(&self, id: i64, attempts: u32, next_ms: u64, error: &str) -> Result<()>;
+    /// Given up: the row is done and the incident's timeline says why.
+    fn delivery_failed(
+        &self,
+        delivery: &Delivery,
+        attempts: u32,
+        error: &str,
+        now_ms: u64,
+    ) -> Result<()>;
+    /// Every outbox row of an incident, in creation order.
+    fn deliveries(&self, incident_id: &str) -> Result<Vec<DeliveryStatus>>;
+}
+
 /// Everything the controller persists.
-pub trait Store: Send + Sync {
+pub trait Store: Outbox + Send + Sync {
     /// Records a Hello; returns the highest sequence number stored for the node.
     fn hello(&self, info: &AgentInfo, now_ms: u64) -> Result<u64>;
     /// Stores a batch of agent messages in one transaction, de-duplicating by
@@ -192,4 +292,12 @@ pub trait Store: Send + Sync {
     ) -> Result<Vec<Talker>>;
     /// Known agents (`connected` left false; the hub knows who is connected).
     fn list_nodes(&self) -> Result<Vec<Node>>;
+    /// A workload's egress per window ending in `[from_ms, to_ms]`, oldest first
+    /// (for the report's chart). `workload_key` as [`crate::correlate::workload_key`].
+    fn egress_series(
+        &self,
+        workload_key: &str,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Result<Vec<EgressPoint>>;
 }

@@ -7,6 +7,8 @@
 //! queries from the security team never wait behind a commit's fsync (WAL
 //! readers see the last committed state).
 
+mod outbox;
+
 use std::{path::Path, sync::Mutex};
 
 use exfilguard_proto::v1::{
@@ -18,10 +20,12 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use sha2::{Digest, Sha256};
 
 use super::{
-    AgentInfo, Cursor, Effect, IncidentFilter, IncidentPage, Ingest, IngestOutcome, Payload, Store,
+    AgentInfo, Cursor, Effect, EgressPoint, IncidentFilter, IncidentPage, Ingest, IngestOutcome,
+    Payload, Store,
 };
 use crate::{
     Error, Result,
+    alerts::Transition,
     correlate::{ResponsePolicy, is_active, new_incident_id, workload_key},
     json,
 };
@@ -96,7 +100,9 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX egress_window ON egress(window_end_ms);
     "#,
-    // 2: find the incident an agent's episode (detection_id) belongs to.
+    // 2: the alert outbox.
+    outbox::MIGRATION,
+    // 3: find the incident an agent's episode (detection_id) belongs to.
     r#"
     CREATE INDEX detections_episode ON detections(node, detection_id);
     "#,
@@ -455,14 +461,14 @@ impl SqliteStore {
                     params![id, now, d.bytes_estimate, d.severity, d.summary],
                 )
                 .map_err(Error::store("update incident"))?;
-                let cause = if is_active(state) {
-                    cause
+                let entry = if is_active(state) {
+                    cause.clone()
                 } else {
                     format!(
                         "{cause} (the episode goes on after the incident was closed; not re-contained)"
                     )
                 };
-                add_timeline(tx, &id, now, &actor, &cause, state)?;
+                add_timeline(tx, &id, now, &actor, &entry, state)?;
                 (id, IncidentEventKind::Updated, state)
             }
             None => {
@@ -510,6 +516,7 @@ impl SqliteStore {
         {
             effects.push(effect);
         }
+        Self::record_alerts(tx, &id, kind, state, now, &actor, &cause)?;
         let canonical = json::detection(&msg.node, msg.seq, d).to_string();
         let sha = Sha256::digest(canonical.as_bytes());
         let sha_hex: String = sha.iter().map(|b| format!("{b:02x}")).collect();
@@ -530,6 +537,47 @@ impl SqliteStore {
             },
         );
         Ok(effects)
+    }
+}
+
+impl SqliteStore {
+    /// Records the alerts of what this detection changed: the opening, and a
+    /// containment it caused (same transaction, so none can be lost).
+    fn record_alerts(
+        tx: &Transaction<'_>,
+        id: &str,
+        kind: IncidentEventKind,
+        state_before: i32,
+        now: u64,
+        actor: &str,
+        cause: &str,
+    ) -> Result<()> {
+        if kind == IncidentEventKind::Opened {
+            outbox::record(
+                tx,
+                id,
+                Transition::Opened,
+                now,
+                actor,
+                &format!("opened: {cause}"),
+            )?;
+        }
+        // Only an open incident can have just been contained: skip the read otherwise.
+        if state_before != IncidentState::Open as i32 {
+            return Ok(());
+        }
+        let state_after = load_incident(tx, id)?.map_or(state_before, |i| i.state);
+        if state_after == IncidentState::Contained as i32 {
+            outbox::record(
+                tx,
+                id,
+                Transition::Contained,
+                now,
+                "controller",
+                "lockdown: the workload's egress is blocked",
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -744,6 +792,12 @@ impl Store for SqliteStore {
             &format!("{verb}: {reason}"),
             to as i32,
         )?;
+        let transition = if to == IncidentState::Released {
+            Transition::Released
+        } else {
+            Transition::Resolved
+        };
+        outbox::record(&tx, id, transition, now_ms, actor, reason)?;
         let incident = load_incident(&tx, id)?.ok_or_else(|| not_found(id))?;
         let incident = with_timeline(&tx, incident)?;
         tx.commit().map_err(Error::store("commit"))?;
@@ -919,6 +973,33 @@ impl Store for SqliteStore {
             .map_err(Error::store("nodes"))?;
         rows.collect::<rusqlite::Result<_>>()
             .map_err(Error::store("nodes"))
+    }
+
+    fn egress_series(
+        &self,
+        workload_key: &str,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Result<Vec<EgressPoint>> {
+        let conn = self.reader()?;
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT window_end_ms, SUM(external_bytes), SUM(internal_bytes) FROM egress
+                 WHERE window_end_ms BETWEEN ?1 AND ?2 AND workload_key = ?3
+                 GROUP BY window_end_ms ORDER BY window_end_ms LIMIT 10000",
+            )
+            .map_err(Error::store("egress series"))?;
+        let rows = stmt
+            .query_map(params![from_ms, to_ms, workload_key], |r| {
+                Ok(EgressPoint {
+                    window_end_ms: r.get(0)?,
+                    external_bytes: r.get(1)?,
+                    internal_bytes: r.get(2)?,
+                })
+            })
+            .map_err(Error::store("egress series"))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(Error::store("egress series"))
     }
 }
 

@@ -114,8 +114,21 @@ impl From<StateArg> for IncidentState {
 pub enum ReportFormatArg {
     /// Markdown.
     Markdown,
+    /// Self-contained HTML with the egress chart.
+    Html,
     /// JSON.
     Json,
+}
+
+/// Documents drafted from an incident.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ReportTemplateArg {
+    /// Short update for executives.
+    ExecutiveBrief,
+    /// Hand-over to the next escalation tier.
+    InternalEscalation,
+    /// GDPR Art. 33 breach notification draft.
+    RegulatorNotification,
 }
 
 /// `exfilctl incidents ...`
@@ -193,5 +206,12 @@ pub enum IncidentsCommand {
         /// Format.
         #[arg(long, value_enum, default_value = "markdown")]
         format: ReportFormatArg,
+        /// Draft this document instead of the full report; gaps the system
+        /// cannot fill are marked [GAP: ...].
+        #[arg(long, value_enum)]
+        template: Option<ReportTemplateArg>,
+        /// IANA zone for local times (default: the controller's configured zone).
+        #[arg(long)]
+        time_zone: Option<String>,
     },
 }

@@ -10,12 +10,12 @@ mod output;
 use std::{io::Write, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, anyhow, bail};
-use args::{Cli, Command, IncidentsCommand, ReportFormatArg, StateArg};
+use args::{Cli, Command, IncidentsCommand, ReportFormatArg, ReportTemplateArg, StateArg};
 use clap::{CommandFactory, Parser};
 use exfilguard_controller::client::{self, ClientConfig};
 use exfilguard_proto::v1::{
     AcknowledgeIncidentRequest, GetIncidentRequest, GetReportRequest, IncidentState,
-    ListIncidentsRequest, ListNodesRequest, ReleaseIncidentRequest, ReportFormat,
+    ListIncidentsRequest, ListNodesRequest, ReleaseIncidentRequest, ReportFormat, ReportTemplate,
     ThrottleIncidentRequest, TopTalkersRequest, WatchIncidentsRequest,
     incidents_client::IncidentsClient,
 };
@@ -209,15 +209,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .into_inner();
                 output::incident(&mut stdout, out, &incident)?;
             }
-            IncidentsCommand::Report { id, format } => {
+            IncidentsCommand::Report {
+                id,
+                format,
+                template,
+                time_zone,
+            } => {
                 let format = match format {
                     ReportFormatArg::Markdown => ReportFormat::Markdown,
+                    ReportFormatArg::Html => ReportFormat::Html,
                     ReportFormatArg::Json => ReportFormat::Json,
+                };
+                let template = match template {
+                    None => ReportTemplate::Unspecified,
+                    Some(ReportTemplateArg::ExecutiveBrief) => ReportTemplate::ExecutiveBrief,
+                    Some(ReportTemplateArg::InternalEscalation) => {
+                        ReportTemplate::InternalEscalation
+                    }
+                    Some(ReportTemplateArg::RegulatorNotification) => {
+                        ReportTemplate::RegulatorNotification
+                    }
                 };
                 let report = api
                     .get_report(GetReportRequest {
                         id,
                         format: format as i32,
+                        template: template as i32,
+                        time_zone: time_zone.unwrap_or_default(),
                     })
                     .await
                     .map_err(status_err)?
