@@ -246,7 +246,15 @@ pub fn entropy(s: &[u8]) -> f64 {
     for &b in s {
         counts[usize::from(b)] += 1;
     }
-    let n = s.len() as f64;
+    entropy_of_counts(&counts, s.len())
+}
+
+/// Shannon entropy (bits per symbol) of `n` symbols with byte `counts`.
+pub fn entropy_of_counts(counts: &[u32; 256], n: usize) -> f64 {
+    if n == 0 {
+        return 0.0;
+    }
+    let n = n as f64;
     counts
         .iter()
         .filter(|&&c| c > 0)
