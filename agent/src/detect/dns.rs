@@ -284,6 +284,9 @@ struct DomainState {
 impl DomainState {
     fn bucket(&mut self, idx: u64) -> &mut Bucket {
         if self.buckets.back().is_none_or(|b| b.idx != idx) {
+            // Most domains of most workloads live in one bucket: room for
+            // exactly one at first (a queue's first push makes room for 4).
+            self.buckets.reserve_exact(1);
             self.buckets.push_back(Bucket {
                 idx,
                 ..Default::default()
@@ -462,6 +465,7 @@ impl DnsDetector {
             st.entropy_sum += bits;
             st.entropy_n += 1;
             if st.samples.len() < SAMPLES {
+                st.samples.reserve_exact(1);
                 st.samples.push(name.into());
             }
             (
@@ -483,6 +487,7 @@ impl DnsDetector {
             if let Some((_, n)) = st.servers.iter_mut().find(|(a, _)| *a == s) {
                 *n += 1;
             } else if st.servers.len() < MAX_SERVERS {
+                st.servers.reserve_exact(1);
                 st.servers.push((s, 1));
             }
         }
@@ -922,8 +927,7 @@ pub fn build_message(
     qtype: RecordType,
     answer: Option<ResponseCode>,
 ) -> Result<Vec<u8>, DnsParseError> {
-    let n = Name::from_ascii(name)
-        .map_err(|e| DnsParseError::Malformed(e.to_string()))?;
+    let n = Name::from_ascii(name).map_err(|e| DnsParseError::Malformed(e.to_string()))?;
     let mut m = match answer {
         None => Message::new(id, MessageType::Query, hickory_proto::op::OpCode::Query),
         Some(rc) => {
