@@ -154,15 +154,7 @@ fn iodine_tunnel_is_detected_on_its_domain() {
     let client = IodineClient::connect(lab.client(), &cg, lab.peer_v4().into(), zone);
     let (bytes, to) = (300_000, sink.addr());
     let (sent, ds) = agent.poll_while(
-        || {
-            traffic::try_send_tcp(
-                lab.client(),
-                &cg,
-                to,
-                bytes,
-                Duration::from_secs(60),
-            )
-        },
+        || traffic::try_send_tcp(lab.client(), &cg, to, bytes, Duration::from_secs(60)),
         Duration::from_secs(1),
     );
     sent.unwrap_or_else(|e| {

@@ -29,11 +29,38 @@ const BENCHMARKS: &[Benchmark] = &[
         run: datapath,
     },
     Benchmark {
+        name: "detect",
+        about: "DNS detector events/s on one core; agent detection state RSS with \
+            10,000 pods × 20 destinations (agent/examples/detect_bench.rs)",
+        run: detect,
+    },
+    Benchmark {
         name: "controller",
         about: "500 simulated agents over mutual TLS for 60 s: stored msg/s, ack latency, RSS",
         run: controller,
     },
 ];
+
+/// Runs the detector benchmark (agent/examples/detect_bench.rs) and reads
+/// its measures.
+fn detect(env: &BuildEnv) -> anyhow::Result<Vec<Measure>> {
+    let out = Path::new(RESULTS_DIR).join("detect.json");
+    let mut cmd = env.cargo([
+        "run",
+        "--release",
+        "--quiet",
+        "--package",
+        "exfilguard-agent",
+        "--example",
+        "detect_bench",
+        "--",
+        "--json",
+    ]);
+    cmd.arg(&out);
+    process::run(&mut cmd)?;
+    let text = fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", out.display()))
+}
 
 /// Runs the controller's load generator (controller/examples/loadgen.rs)
 /// against a real controller process and reads its measures.
