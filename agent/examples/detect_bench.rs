@@ -367,6 +367,10 @@ fn main() {
             })
             .collect();
         let text = serde_json::to_string_pretty(&list).expect("serialise");
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        }
         std::fs::write(&path, text + "\n")
             .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     }

@@ -24,6 +24,10 @@ struct Buckets {
     /// (index, bytes) of the newest bucket; bytes 0 when there is none.
     last: (u64, u64),
     /// Older buckets, oldest first.
+    #[expect(
+        clippy::box_collection,
+        reason = "8 bytes inline instead of 32 in every destination, most of which never need it"
+    )]
     older: Option<Box<VecDeque<(u64, u64)>>>,
     sum: u64,
 }
