@@ -15,7 +15,7 @@ use crate::{cargo::BuildEnv, process};
 const TARGETS: &[&str] = &["dns_payload", "pcap_reader", "policy_yaml", "agent_message"];
 
 /// Seconds each target runs. The stage's budget is ~5 minutes on 2 cores
-/// including the build: 4 × 20 s of fuzzing (each target reaches 0.4–2.5
+/// including the build: 4 × 20 s of fuzzing (each target reaches roughly 0.4–3.5
 /// million inputs in that time here) leaves the rest for the incremental
 /// rebuild of the agent with coverage instrumentation (~4 minutes on the
 /// shared CI VM; a cold build of the fuzz workspace takes far longer).
