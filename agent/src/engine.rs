@@ -221,7 +221,7 @@ impl Engine {
                         .get_or_create(&WorkloadLabel {
                             workload: w.id.clone(),
                         })
-                        .inc_by(m.questions.len() as u64);
+                        .inc_by(m.questions as u64);
                 }
             }
             Err(e) => {

@@ -29,6 +29,12 @@ const BENCHMARKS: &[Benchmark] = &[
         run: datapath,
     },
     Benchmark {
+        name: "detect",
+        about: "DNS detector events/s on one core; agent detection state RSS with \
+            10,000 pods × 20 destinations (agent/examples/detect_bench.rs)",
+        run: detect,
+    },
+    Benchmark {
         name: "controller",
         about: "500 simulated agents over mutual TLS for 60 s: stored msg/s, ack latency, RSS",
         run: controller,
@@ -63,6 +69,27 @@ fn contain(env: &BuildEnv) -> anyhow::Result<Vec<Measure>> {
             .arg(&out)
             .env("EXFILGUARD_BIN_DIR", "target/release"),
     )?;
+    let text = fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", out.display()))
+}
+
+/// Runs the detector benchmark (agent/examples/detect_bench.rs) and reads
+/// its measures.
+fn detect(env: &BuildEnv) -> anyhow::Result<Vec<Measure>> {
+    let out = Path::new(RESULTS_DIR).join("detect.json");
+    let mut cmd = env.cargo([
+        "run",
+        "--release",
+        "--quiet",
+        "--package",
+        "exfilguard-agent",
+        "--example",
+        "detect_bench",
+        "--",
+        "--json",
+    ]);
+    cmd.arg(&out);
+    process::run(&mut cmd)?;
     let text = fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", out.display()))
 }

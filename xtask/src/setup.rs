@@ -8,6 +8,7 @@
 mod apt;
 mod bpf_core;
 mod elf;
+mod fuzz;
 mod linker;
 mod python;
 mod rustdoc_src;
@@ -25,7 +26,7 @@ use crate::{cargo::BuildEnv, process};
 
 /// The toolchain aya-build compiles the eBPF crate with (`Toolchain::default()`
 /// in agent/build.rs).
-const NIGHTLY: &str = "nightly";
+pub const NIGHTLY: &str = "nightly";
 
 /// How long a `rustup component add` may take before we give up on it (and,
 /// for rust-src, fall back to building `core` ourselves).
@@ -74,6 +75,7 @@ pub fn run() -> anyhow::Result<Outcome> {
     ensure_lint_tools(&default_sysroot, &mut installed)?;
     let core = bpf_core::ensure(&nightly, &mut installed).context("`core` for the BPF target")?;
     linker::ensure(&nightly, &mut installed).context("bpf-linker")?;
+    fuzz::ensure(&mut installed).context("cargo-fuzz")?;
     python::ensure(&crate::workspace_root(), &mut installed)
         .context("Python environment for the gRPC interoperability test")?;
 

@@ -1,7 +1,9 @@
 //! `cargo xtask test`: everything CI checks, in order, stopping at the first
-//! failure: fmt, clippy, the unprivileged tests, then the kernel tests (root).
+//! failure: fmt, clippy, the unprivileged tests, the fuzz targets for a
+//! bounded time, then the kernel tests (root).
 //! The last line printed is `N passed, N failed`, counted from libtest's own
 //! closing lines.
+mod fuzz;
 mod summary;
 
 use std::{
@@ -85,6 +87,9 @@ fn run_stages(
     let (status, unit_counts) = run_counting(&mut unit)?;
     *counts += unit_counts;
     process::check(&unit, status)?;
+
+    stage("fuzzing (bounded)");
+    fuzz::run(env, &crate::workspace_root(), counts)?;
 
     if unit_only {
         return Ok(());

@@ -11,15 +11,17 @@
 //! underscore names (`_dmarc`, DKIM, SRV), allowlisted domains.
 use std::{
     collections::{HashMap, VecDeque},
+    hash::BuildHasher as _,
     net::SocketAddr,
 };
 
 use hickory_proto::{
-    op::{Message, MessageType, ResponseCode},
-    rr::RecordType,
+    op::{Header, Message, MessageType, Query, ResponseCode},
+    rr::{Name, RecordType},
+    serialize::binary::{BinDecodable as _, BinDecoder, DecodeError},
 };
 
-use super::{Destination, Detection, DnsEvidence, Episodes, Evidence, NS, Rule, entropy};
+use super::{Destination, Detection, DnsEvidence, Episodes, Evidence, NS, Rule, entropy_of_counts};
 use crate::policy::{Action, Policy, WorkloadMeta};
 
 /// Why a payload is not a DNS message we can use.
@@ -52,40 +54,103 @@ pub struct DnsMessage {
     pub questions: Vec<(String, RecordType)>,
 }
 
+/// What [`DnsDetector::observe_payload`] saw in one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DnsSummary {
+    /// An answer (QR bit set).
+    pub response: bool,
+    /// Answer code NXDOMAIN.
+    pub nxdomain: bool,
+    /// Questions in it.
+    pub questions: usize,
+}
+
+/// The DNS message inside a UDP payload, or inside a TCP payload after its
+/// two-byte length prefix (only the first message of a segment).
+fn frame(payload: &[u8], tcp: bool) -> Result<&[u8], DnsParseError> {
+    if !tcp {
+        return Ok(payload);
+    }
+    let Some((len, rest)) = payload.split_first_chunk::<2>() else {
+        return Err(DnsParseError::NoLengthPrefix(payload.len()));
+    };
+    let claimed = usize::from(u16::from_be_bytes(*len));
+    if claimed > rest.len() {
+        return Err(DnsParseError::TcpTruncated {
+            claimed,
+            present: rest.len(),
+        });
+    }
+    Ok(&rest[..claimed])
+}
+
+/// Decodes the header and the question section with hickory-proto, writing
+/// each question into `out[i]` (reusing its string) and returning the
+/// summary. The sections after the questions are not decoded: the detector
+/// uses none of them, and a message damaged only there (or cut at the
+/// kernel's capture length) still has readable questions.
+fn decode_questions(
+    payload: &[u8],
+    tcp: bool,
+    out: &mut Vec<(String, RecordType)>,
+) -> Result<DnsSummary, DnsParseError> {
+    let malformed = |e: DecodeError| DnsParseError::Malformed(e.to_string());
+    let mut decoder = BinDecoder::new(frame(payload, tcp)?);
+    let header = Header::read(&mut decoder).map_err(malformed)?;
+    let count = usize::from(header.counts.queries);
+    for i in 0..count {
+        let q = Query::read(&mut decoder).map_err(malformed)?;
+        if i == out.len() {
+            out.push((String::new(), RecordType::A));
+        }
+        let slot = &mut out[i];
+        write_name(q.name(), &mut slot.0);
+        slot.1 = q.query_type();
+    }
+    Ok(DnsSummary {
+        response: header.metadata.message_type == MessageType::Response,
+        nxdomain: header.metadata.response_code == ResponseCode::NXDomain,
+        questions: count,
+    })
+}
+
+/// Writes `name` into `out` as hickory's `Name::to_ascii` presents it, lower
+/// case and without the trailing dot: letters, digits, `_`, `-` (not first)
+/// and `*` (first) as they are, other printable bytes after a backslash,
+/// the rest as `\ooo`. Straight from the wire labels into a reused buffer.
+fn write_name(name: &Name, out: &mut String) {
+    use std::fmt::Write as _;
+    out.clear();
+    for (i, label) in name.iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        for (j, &b) in label.iter().enumerate() {
+            let c = b.to_ascii_lowercase();
+            match c {
+                b'a'..=b'z' | b'0'..=b'9' | b'_' => out.push(char::from(c)),
+                b'-' if j > 0 => out.push('-'),
+                b'*' if j == 0 => out.push('*'),
+                0x21..=0x7e => {
+                    out.push('\\');
+                    out.push(char::from(c));
+                }
+                _ => {
+                    let _ = write!(out, "\\{c:03o}");
+                }
+            }
+        }
+    }
+}
+
 /// Parses a UDP payload, or a TCP payload with its two-byte length prefix
 /// (only the first message of a TCP segment is read).
 pub fn parse_payload(payload: &[u8], tcp: bool) -> Result<DnsMessage, DnsParseError> {
-    let msg = if tcp {
-        let Some((len, rest)) = payload.split_first_chunk::<2>() else {
-            return Err(DnsParseError::NoLengthPrefix(payload.len()));
-        };
-        let claimed = usize::from(u16::from_be_bytes(*len));
-        if claimed > rest.len() {
-            return Err(DnsParseError::TcpTruncated {
-                claimed,
-                present: rest.len(),
-            });
-        }
-        &rest[..claimed]
-    } else {
-        payload
-    };
-    let m = Message::from_vec(msg).map_err(|e| DnsParseError::Malformed(e.to_string()))?;
-    let questions = m
-        .queries
-        .iter()
-        .map(|q| {
-            let mut name = q.name().to_ascii();
-            if name.ends_with('.') {
-                name.pop();
-            }
-            name.make_ascii_lowercase();
-            (name, q.query_type())
-        })
-        .collect();
+    let mut questions = Vec::new();
+    let s = decode_questions(payload, tcp, &mut questions)?;
     Ok(DnsMessage {
-        response: m.metadata.message_type == MessageType::Response,
-        nxdomain: m.metadata.response_code == ResponseCode::NXDomain,
+        response: s.response,
+        nxdomain: s.nxdomain,
         questions,
     })
 }
@@ -151,8 +216,21 @@ pub fn classify<'a>(policy: &Policy, name: &'a str, qtype: RecordType) -> Result
 /// Estimated bytes of data a subdomain part can carry: its characters (dots
 /// excluded) times their Shannon entropy, over 8.
 pub fn encoded_estimate(subdomain: &str) -> f64 {
-    let chars: Vec<u8> = subdomain.bytes().filter(|&b| b != b'.').collect();
-    chars.len() as f64 * entropy(&chars) / 8.0
+    let (chars, bits) = subdomain_entropy(subdomain);
+    chars as f64 * bits / 8.0
+}
+
+/// Characters of `subdomain` other than dots, and their Shannon entropy in
+/// bits per character ([`entropy`] of those characters, without copying
+/// them).
+fn subdomain_entropy(subdomain: &str) -> (usize, f64) {
+    let mut counts = [0u32; 256];
+    let mut n = 0usize;
+    for b in subdomain.bytes().filter(|&b| b != b'.') {
+        counts[usize::from(b)] += 1;
+        n += 1;
+    }
+    (n, entropy_of_counts(&counts, n))
 }
 
 /// A subdomain that looks like a carrier of encoded data: long and dense.
@@ -178,13 +256,25 @@ struct Bucket {
     name_bytes: u64,
 }
 
+/// Maps keyed by strings a workload chooses (names, domains): foldhash,
+/// seeded per process, so keys cannot be crafted to collide.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// DNS servers remembered per domain for the evidence; a workload uses one
+/// or two, and past this many the rest go uncounted.
+const MAX_SERVERS: usize = 8;
+
 #[derive(Debug, Default)]
 struct DomainState {
     is_dirty: bool,
     buckets: VecDeque<Bucket>,
-    names: HashMap<Box<str>, u64>,
-    samples: VecDeque<String>,
-    servers: HashMap<SocketAddr, u64>,
+    /// Names seen in the window, as 64-bit fingerprints (seeded hashes):
+    /// no copy of each name is kept, and a collision among the at most
+    /// [`MAX_NAMES`] of a domain is a ~2^-34 event that only under-counts
+    /// one name.
+    names: Map<u64, u64>,
+    samples: Vec<Box<str>>,
+    servers: Vec<(SocketAddr, u64)>,
     max_label: usize,
     max_name: usize,
     entropy_sum: f64,
@@ -194,6 +284,9 @@ struct DomainState {
 impl DomainState {
     fn bucket(&mut self, idx: u64) -> &mut Bucket {
         if self.buckets.back().is_none_or(|b| b.idx != idx) {
+            // Most domains of most workloads live in one bucket: room for
+            // exactly one at first (a queue's first push makes room for 4).
+            self.buckets.reserve_exact(1);
             self.buckets.push_back(Bucket {
                 idx,
                 ..Default::default()
@@ -258,12 +351,16 @@ pub struct DnsStats {
 /// The DNS detector.
 #[derive(Debug, Default)]
 pub struct DnsDetector {
-    workloads: HashMap<String, WorkloadDns>,
+    workloads: Map<String, WorkloadDns>,
+    /// Seed of the name fingerprints.
+    fingerprint: foldhash::fast::RandomState,
     /// Workloads with a query since the last evaluation.
     dirty: Vec<String>,
     episodes: Episodes,
     stats: DnsStats,
     last_sweep_ns: u64,
+    /// Reused question buffer (no allocation per message once warm).
+    questions: Vec<(String, RecordType)>,
 }
 
 /// One workload's domains, and its carrier bytes summed over them for the
@@ -271,14 +368,14 @@ pub struct DnsDetector {
 /// every domain).
 #[derive(Debug, Default)]
 struct WorkloadDns {
-    domains: HashMap<String, DomainState>,
+    domains: Map<String, DomainState>,
     /// Domains with a query since the last evaluation.
     dirty: Vec<String>,
     is_dirty: bool,
     carrier: VecDeque<(u64, f64)>,
     carrier_sum: f64,
     /// Domains that carried, with the bucket of their latest carrier name.
-    carrier_domains: HashMap<String, u64>,
+    carrier_domains: Map<String, u64>,
     /// Namespace and labels, for the policy's overrides.
     meta: WorkloadMeta,
 }
@@ -329,32 +426,31 @@ impl DnsDetector {
         let idx = now_ns / bucket_ns(policy);
         // Borrowed look-ups first: no allocation per query once a workload
         // and domain are known.
-        if !self.workloads.contains_key(workload) {
-            self.workloads
-                .insert(workload.to_owned(), WorkloadDns::default());
-        }
-        let w = self.workloads.get_mut(workload).expect("inserted above");
+        let w = match self.workloads.get_mut(workload) {
+            Some(w) => w,
+            None => self.workloads.entry(workload.to_owned()).or_default(),
+        };
         if !w.is_dirty {
             w.is_dirty = true;
             self.dirty.push(workload.to_owned());
         }
-        if !w.domains.contains_key(split.registered) {
-            w.domains
-                .insert(split.registered.to_owned(), DomainState::default());
-        }
-        let st = w.domains.get_mut(split.registered).expect("inserted above");
+        let st = match w.domains.get_mut(split.registered) {
+            Some(st) => st,
+            None => w.domains.entry(split.registered.to_owned()).or_default(),
+        };
         if !st.is_dirty {
             st.is_dirty = true;
             w.dirty.push(split.registered.to_owned());
         }
-        let novel = match st.names.get_mut(name) {
+        let fingerprint = self.fingerprint.hash_one(name);
+        let novel = match st.names.get_mut(&fingerprint) {
             Some(seen) => {
                 *seen = now_ns;
                 false
             }
             None => {
                 if st.names.len() < MAX_NAMES {
-                    st.names.insert(name.into(), now_ns);
+                    st.names.insert(fingerprint, now_ns);
                 }
                 true
             }
@@ -364,13 +460,13 @@ impl DnsDetector {
             RecordType::TXT | RecordType::NULL | RecordType::CNAME | RecordType::ANY
         );
         let (enc, carrier) = if novel && !split.subdomain.is_empty() {
-            let chars: Vec<u8> = split.subdomain.bytes().filter(|&b| b != b'.').collect();
-            let bits = entropy(&chars);
-            let enc = chars.len() as f64 * bits / 8.0;
+            let (chars, bits) = subdomain_entropy(split.subdomain);
+            let enc = chars as f64 * bits / 8.0;
             st.entropy_sum += bits;
             st.entropy_n += 1;
             if st.samples.len() < SAMPLES {
-                st.samples.push_back(name.to_owned());
+                st.samples.reserve_exact(1);
+                st.samples.push(name.into());
             }
             (
                 enc,
@@ -388,7 +484,12 @@ impl DnsDetector {
             .max(name.split('.').map(str::len).max().unwrap_or(0));
         st.max_name = st.max_name.max(name.len());
         if let Some(s) = server {
-            *st.servers.entry(s).or_default() += 1;
+            if let Some((_, n)) = st.servers.iter_mut().find(|(a, _)| *a == s) {
+                *n += 1;
+            } else if st.servers.len() < MAX_SERVERS {
+                st.servers.reserve_exact(1);
+                st.servers.push((s, 1));
+            }
         }
         let b = st.bucket(idx);
         b.queries += 1;
@@ -447,7 +548,7 @@ impl DnsDetector {
         tcp: bool,
         server: Option<SocketAddr>,
         now_ns: u64,
-    ) -> Result<DnsMessage, DnsParseError> {
+    ) -> Result<DnsSummary, DnsParseError> {
         self.observe_payload_of(
             policy,
             workload,
@@ -471,8 +572,28 @@ impl DnsDetector {
         tcp: bool,
         server: Option<SocketAddr>,
         now_ns: u64,
-    ) -> Result<DnsMessage, DnsParseError> {
-        let m = parse_payload(payload, tcp)?;
+    ) -> Result<DnsSummary, DnsParseError> {
+        // The question buffer is reused from message to message.
+        let mut questions = std::mem::take(&mut self.questions);
+        let m = decode_questions(payload, tcp, &mut questions);
+        if let Ok(m) = m {
+            self.observe_questions(policy, workload, meta, &m, &questions, server, now_ns);
+        }
+        self.questions = questions;
+        m
+    }
+
+    #[expect(clippy::too_many_arguments, reason = "one DNS record, spelled out")]
+    fn observe_questions(
+        &mut self,
+        policy: &Policy,
+        workload: &str,
+        meta: &WorkloadMeta,
+        m: &DnsSummary,
+        questions: &[(String, RecordType)],
+        server: Option<SocketAddr>,
+        now_ns: u64,
+    ) {
         match self.workloads.get_mut(workload) {
             Some(w) if w.meta != *meta => w.meta = meta.clone(),
             Some(_) => {}
@@ -487,14 +608,13 @@ impl DnsDetector {
                 );
             }
         }
-        for (name, qtype) in &m.questions {
+        for (name, qtype) in &questions[..m.questions] {
             if m.response {
                 self.observe_answer(policy, workload, name, *qtype, m.nxdomain, now_ns);
             } else {
                 let _ = self.observe_query(policy, workload, name, *qtype, server, now_ns);
             }
         }
-        Ok(m)
     }
 
     /// Expires old buckets and reports episode changes. Only what can have
@@ -656,7 +776,7 @@ fn domain_evidence(st: &DomainState, s: &Bucket, domain: &str) -> DnsEvidence {
         unusual_type_share: ratio(s.unusual, s.queries),
         nxdomain_share: ratio(s.nxdomain, s.answers),
         domains: vec![domain.to_owned()],
-        sample_queries: st.samples.iter().cloned().collect(),
+        sample_queries: st.samples.iter().map(|q| q.to_string()).collect(),
     }
 }
 
@@ -705,7 +825,7 @@ fn evaluate_domain(
         let mut top: Vec<Destination> = st
             .servers
             .iter()
-            .map(|(sa, &n)| Destination {
+            .map(|&(sa, n)| Destination {
                 addr: sa.ip(),
                 port: sa.port(),
                 bytes: n,
@@ -754,7 +874,7 @@ fn spread_evidence(wd: &WorkloadDns) -> DnsEvidence {
         ev.domains.push((*d).clone());
         for q in st.samples.iter().take(2) {
             if ev.sample_queries.len() < SAMPLES {
-                ev.sample_queries.push(q.clone());
+                ev.sample_queries.push(q.to_string());
             }
         }
     }
@@ -807,8 +927,7 @@ pub fn build_message(
     qtype: RecordType,
     answer: Option<ResponseCode>,
 ) -> Result<Vec<u8>, DnsParseError> {
-    let n = hickory_proto::rr::Name::from_ascii(name)
-        .map_err(|e| DnsParseError::Malformed(e.to_string()))?;
+    let n = Name::from_ascii(name).map_err(|e| DnsParseError::Malformed(e.to_string()))?;
     let mut m = match answer {
         None => Message::new(id, MessageType::Query, hickory_proto::op::OpCode::Query),
         Some(rc) => {
@@ -818,7 +937,7 @@ pub fn build_message(
         }
     };
     m.metadata.recursion_desired = true;
-    m.add_query(hickory_proto::op::Query::query(n, qtype));
+    m.add_query(Query::query(n, qtype));
     m.to_vec()
         .map_err(|e| DnsParseError::Malformed(e.to_string()))
 }
@@ -863,6 +982,42 @@ mod tests {
         assert!(m.response && m.nxdomain);
     }
 
+    /// The detector's own name writer presents names exactly as hickory's
+    /// `Name::to_ascii` (lower-cased, no trailing dot) did before it.
+    #[test]
+    fn names_are_written_as_hickory_presents_them() {
+        let labels: &[&[u8]] = &[
+            b"WWW",
+            b"Example",
+            b"com",
+            b"-lead",
+            b"tail-",
+            b"*",
+            b"a*b",
+            b"_dmarc",
+            b"sp ace",
+            b"dot.ted",
+            b"back\\slash",
+            b"\x00\x7f\x80\xff",
+            b"j\xe4germeister",
+            b"x\"y(z)@;",
+        ];
+        let mut buf = String::new();
+        for first in labels {
+            for second in labels {
+                let name =
+                    Name::from_labels([*first, *second, &b"example"[..], &b"com"[..]]).unwrap();
+                let mut want = name.to_ascii();
+                if want.ends_with('.') {
+                    want.pop();
+                }
+                want.make_ascii_lowercase();
+                write_name(&name, &mut buf);
+                assert_eq!(buf, want, "{first:?} {second:?}");
+            }
+        }
+    }
+
     #[test]
     fn hostile_payloads_are_errors() {
         // Every prefix of a valid message.
@@ -880,6 +1035,65 @@ mod tests {
         big.extend_from_slice(&[b'a'; 64]);
         big.extend_from_slice(&[0, 0, 1, 0, 1]);
         assert!(parse_payload(&big, false).is_err());
+    }
+
+    /// The payloads a fuzzer looks for, through the whole detector path:
+    /// each is an error, nothing is scored, nothing fires, and it returns
+    /// promptly (a pointer loop that was followed would hang here).
+    #[test]
+    fn nasty_payloads_through_the_detector() {
+        let header = |id: u8| vec![0, id, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        let with = |id: u8, name: &[u8]| {
+            let mut m = header(id);
+            m.extend_from_slice(name);
+            m.extend_from_slice(&[0, 1, 0, 1]);
+            m
+        };
+        let mut long = Vec::new();
+        for _ in 0..5 {
+            long.push(63);
+            long.extend_from_slice(&[b'a'; 63]);
+        }
+        long.push(0);
+        let mut cases: Vec<(&str, Vec<u8>, bool)> = vec![
+            ("pointer to itself", with(1, &[0xc0, 12]), false),
+            // "a" -> "b" -> "a": a loop through two labels.
+            (
+                "pointer pair loop",
+                with(2, &[1, b'a', 0xc0, 16, 1, b'b', 0xc0, 12]),
+                false,
+            ),
+            ("pointer past the end", with(3, &[0xc0, 0xff]), false),
+            (
+                "label of 64 bytes",
+                with(5, &[&[64u8][..], &[b'a'; 64], &[0]].concat()),
+                false,
+            ),
+            ("name over 255 bytes", with(6, &long), false),
+            ("reserved label type 0x40", with(7, &[0x41, b'a', 0]), false),
+            ("no question at all", header(8), false),
+            ("TCP prefix only", vec![0], true),
+            (
+                "TCP prefix promises more",
+                [&[0u8, 200][..], &q("a.example.com", RecordType::A)].concat(),
+                true,
+            ),
+        ];
+        let good = q("exfil.example.com", RecordType::TXT);
+        for n in 0..good.len() {
+            cases.push(("truncated UDP", good[..n].to_vec(), false));
+            let mut tcp = (good.len() as u16).to_be_bytes().to_vec();
+            tcp.extend_from_slice(&good[..n]);
+            cases.push(("truncated TCP", tcp, true));
+        }
+        let p = Policy::default();
+        let mut d = DnsDetector::new();
+        for (what, payload, tcp) in &cases {
+            let r = d.observe_payload(&p, "w", payload, *tcp, None, NS);
+            assert!(r.is_err(), "{what}: {payload:02x?} parsed as {r:?}");
+        }
+        assert_eq!(d.stats().scored, 0);
+        assert!(d.evaluate(&p, 2 * NS).is_empty());
     }
 
     #[test]

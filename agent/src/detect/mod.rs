@@ -153,6 +153,10 @@ pub struct Detection {
 #[derive(Debug, Default)]
 pub(crate) struct Episodes {
     active: HashMap<(Rule, String, Option<String>), Active>,
+    /// Open episodes per rule: with none open for a rule, a rule that is
+    /// not firing is answered without building (allocating) a key, which
+    /// is every call for every quiet workload and domain.
+    open_per_rule: HashMap<Rule, usize>,
     next_id: u64,
 }
 
@@ -174,11 +178,15 @@ impl Episodes {
         now_ns: u64,
         update_every_ns: u64,
     ) -> Option<(Phase, u64)> {
+        if !firing && !self.any_open(key.0) {
+            return None;
+        }
         let k = (key.0, key.1.to_owned(), key.2.map(str::to_owned));
         match (self.active.get_mut(&k), firing) {
             (None, true) => {
                 self.next_id += 1;
                 let id = self.next_id;
+                *self.open_per_rule.entry(key.0).or_default() += 1;
                 self.active.insert(
                     k,
                     Active {
@@ -202,15 +210,27 @@ impl Episodes {
                     None
                 }
             }
-            (Some(_), false) => self.active.remove(&k).map(|a| (Phase::End, a.id)),
+            (Some(_), false) => {
+                if let Some(n) = self.open_per_rule.get_mut(&key.0) {
+                    *n -= 1;
+                }
+                self.active.remove(&k).map(|a| (Phase::End, a.id))
+            }
             (None, false) => None,
         }
     }
 
+    /// True when some episode of `rule` is open.
+    fn any_open(&self, rule: Rule) -> bool {
+        self.open_per_rule.get(&rule).is_some_and(|&n| n > 0)
+    }
+
     /// True when an episode is open for the key.
     pub(crate) fn is_active(&self, key: (Rule, &str, Option<&str>)) -> bool {
-        self.active
-            .contains_key(&(key.0, key.1.to_owned(), key.2.map(str::to_owned)))
+        self.any_open(key.0)
+            && self
+                .active
+                .contains_key(&(key.0, key.1.to_owned(), key.2.map(str::to_owned)))
     }
 
     /// (workload, subject) pairs with an open episode of `rule`.
@@ -246,7 +266,15 @@ pub fn entropy(s: &[u8]) -> f64 {
     for &b in s {
         counts[usize::from(b)] += 1;
     }
-    let n = s.len() as f64;
+    entropy_of_counts(&counts, s.len())
+}
+
+/// Shannon entropy (bits per symbol) of `n` symbols with byte `counts`.
+pub fn entropy_of_counts(counts: &[u32; 256], n: usize) -> f64 {
+    if n == 0 {
+        return 0.0;
+    }
+    let n = n as f64;
     counts
         .iter()
         .filter(|&&c| c > 0)

@@ -7,34 +7,69 @@ use std::{
 };
 
 use super::{Destination, Detection, Episodes, Evidence, NS, Rule};
+
+/// Maps keyed by what workloads choose (destinations): foldhash, seeded per
+/// process.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use crate::policy::{Policy, WorkloadMeta};
 
 /// A sliding window of byte counts in fixed-width buckets.
+///
+/// The newest bucket is held inline and older ones in a boxed queue made
+/// only when a second bucket is used: most destinations of most workloads
+/// are seen within one bucket, and with 10,000 workloads × tens of
+/// destinations this is most of the detector's memory.
 #[derive(Debug, Default, Clone)]
 struct Buckets {
-    q: VecDeque<(u64, u64)>,
+    /// (index, bytes) of the newest bucket; bytes 0 when there is none.
+    last: (u64, u64),
+    /// Older buckets, oldest first.
+    #[expect(
+        clippy::box_collection,
+        reason = "8 bytes inline instead of 32 in every destination, most of which never need it"
+    )]
+    older: Option<Box<VecDeque<(u64, u64)>>>,
     sum: u64,
 }
 
 impl Buckets {
     fn add(&mut self, idx: u64, bytes: u64) {
-        match self.q.back_mut() {
-            Some((i, b)) if *i == idx => *b += bytes,
-            _ => self.q.push_back((idx, bytes)),
+        if self.last.1 > 0 && self.last.0 != idx {
+            self.older.get_or_insert_default().push_back(self.last);
+            self.last = (idx, 0);
         }
+        self.last.0 = idx;
+        self.last.1 += bytes;
         self.sum += bytes;
     }
 
     /// Drops buckets older than `first` (the oldest index still in the window).
     fn expire(&mut self, first: u64) {
-        while let Some(&(i, b)) = self.q.front() {
-            if i >= first {
-                break;
+        if let Some(older) = &mut self.older {
+            while let Some(&(i, b)) = older.front() {
+                if i >= first {
+                    break;
+                }
+                self.sum -= b;
+                older.pop_front();
             }
-            self.sum -= b;
-            self.q.pop_front();
+            if older.is_empty() {
+                self.older = None;
+            }
+        }
+        if self.last.1 > 0 && self.last.0 < first {
+            self.sum -= self.last.1;
+            self.last = (0, 0);
         }
     }
+}
+
+/// One destination's window, and whether it was sent to since the last
+/// evaluation.
+#[derive(Debug, Default, Clone)]
+struct Dest {
+    bytes: Buckets,
+    dirty: bool,
 }
 
 #[derive(Debug, Default)]
@@ -42,7 +77,7 @@ struct Workload {
     meta: WorkloadMeta,
     counted: Buckets,
     allowlisted: Buckets,
-    dests: HashMap<(IpAddr, u16), Buckets>,
+    dests: Map<(IpAddr, u16), Dest>,
     minute: u64,
     minute_bytes: u64,
     prev_minute_spiked: bool,
@@ -51,8 +86,8 @@ struct Workload {
     last_seen_ns: u64,
     first_seen_ns: u64,
     open_dests: HashSet<String>,
-    /// Destinations sent to since the last evaluation.
-    dirty_dests: HashSet<(IpAddr, u16)>,
+    /// Some destination was sent to since the last evaluation.
+    dirty_dests: bool,
     /// Oldest bucket index kept at the last expiry: expiry only has work
     /// to do when the window has moved on by a bucket.
     expired_to: u64,
@@ -134,8 +169,10 @@ impl VolumeDetector {
             return;
         }
         w.counted.add(idx, bytes);
-        w.dests.entry((remote, port)).or_default().add(idx, bytes);
-        w.dirty_dests.insert((remote, port));
+        let d = w.dests.entry((remote, port)).or_default();
+        d.bytes.add(idx, bytes);
+        d.dirty = true;
+        w.dirty_dests = true;
         roll_minute(policy, w, now_ns);
         w.minute_bytes += bytes;
     }
@@ -153,21 +190,21 @@ impl VolumeDetector {
                 w.expired_to = first;
                 w.counted.expire(first);
                 w.allowlisted.expire(first);
-                w.dests.retain(|_, b| {
-                    b.expire(first);
-                    b.sum > 0
+                w.dests.retain(|_, d| {
+                    d.bytes.expire(first);
+                    d.bytes.sum > 0
                 });
             }
             roll_minute(policy, w, now_ns);
             let eff = policy.effective(&w.meta);
             // Top destinations are sorted only when a detection needs them.
-            let top = |dests: &HashMap<(IpAddr, u16), Buckets>| {
+            let top = |dests: &Map<(IpAddr, u16), Dest>| {
                 let mut top: Vec<Destination> = dests
                     .iter()
-                    .map(|(&(addr, port), b)| Destination {
+                    .map(|(&(addr, port), d)| Destination {
                         addr,
                         port,
-                        bytes: b.sum,
+                        bytes: d.bytes.sum,
                     })
                     .collect();
                 top.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.addr.cmp(&b.addr)));
@@ -213,20 +250,23 @@ impl VolumeDetector {
             }
             // Per destination, including open episodes whose destination has
             // since left the window (they end).
-            let mut subjects: Vec<(String, Destination)> = w
-                .dirty_dests
-                .drain()
-                .filter_map(|k| w.dests.get(&k).map(|b| (k, b.sum)))
-                .filter(|&(_, sum)| sum > eff.per_destination_bytes)
-                .map(|((addr, port), bytes)| {
-                    let d = Destination { addr, port, bytes };
-                    (format!("{}:{}", fmt_addr(addr), port), d)
-                })
-                .collect();
+            let mut subjects: Vec<(String, Destination)> = Vec::new();
+            if std::mem::take(&mut w.dirty_dests) {
+                for (&(addr, port), d) in &mut w.dests {
+                    if std::mem::take(&mut d.dirty) && d.bytes.sum > eff.per_destination_bytes {
+                        let dest = Destination {
+                            addr,
+                            port,
+                            bytes: d.bytes.sum,
+                        };
+                        subjects.push((format!("{}:{}", fmt_addr(addr), port), dest));
+                    }
+                }
+            }
             for s in &w.open_dests {
                 if !subjects.iter().any(|(k, _)| k == s) {
                     let (addr, port) = parse_subject(s);
-                    let bytes = w.dests.get(&(addr, port)).map_or(0, |b| b.sum);
+                    let bytes = w.dests.get(&(addr, port)).map_or(0, |d| d.bytes.sum);
                     subjects.push((s.clone(), Destination { addr, port, bytes }));
                 }
             }
@@ -366,6 +406,30 @@ fn fmt_addr(a: IpAddr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buckets_keep_the_newest_inline_and_expire_exactly() {
+        let mut b = Buckets::default();
+        b.add(5, 10);
+        b.add(5, 5);
+        assert_eq!(b.sum, 15);
+        assert!(b.older.is_none(), "one bucket needs no queue");
+        b.add(7, 1);
+        b.add(9, 100);
+        assert_eq!(b.sum, 116);
+        b.expire(6);
+        assert_eq!(b.sum, 101);
+        b.expire(8);
+        assert_eq!(b.sum, 100);
+        assert!(b.older.is_none(), "queue dropped once empty");
+        b.expire(9);
+        assert_eq!(b.sum, 100);
+        b.expire(10);
+        assert_eq!(b.sum, 0);
+        b.add(10, 3);
+        assert_eq!((b.sum, b.last), (3, (10, 3)));
+        assert!(b.older.is_none());
+    }
     use crate::detect::Phase;
 
     const EXT: &str = "198.51.100.7";
