@@ -312,3 +312,20 @@ fn committed_fixtures_match_the_generator() {
         assert!(r.ok && !starts(&r.report).is_empty(), "{name} not flagged");
     }
 }
+
+/// Found by the pcap_reader fuzz target: a pcapng whose interface has a
+/// huge timestamp resolution, so packet times sit at the end of u64
+/// nanoseconds. Replaying it must not overflow the per-second evaluation.
+#[test]
+fn timestamps_at_the_end_of_time_do_not_panic() {
+    let bytes = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/timestamp-at-u64-end.pcapng"),
+    )
+    .expect("fixture");
+    let report = exfilguard_agent::analyze::analyze_bytes(
+        &bytes,
+        exfilguard_agent::policy::Policy::default(),
+        Vec::new(),
+    );
+    assert!(report.stats.packets >= 1, "{:?}", report.stats);
+}

@@ -151,13 +151,16 @@ impl Replay {
     /// Evaluates the detectors once per second of capture time, as the agent
     /// does once per poll.
     fn tick(&mut self, ts_ns: u64) {
+        // A capture's timestamps are whatever its file says, up to the end of
+        // u64 nanoseconds: the next second saturates instead of overflowing.
+        let next = (ts_ns - ts_ns % NS).saturating_add(NS);
         if self.next_eval_ns == 0 {
-            self.next_eval_ns = ts_ns - ts_ns % NS + NS;
+            self.next_eval_ns = next;
             return;
         }
         if ts_ns >= self.next_eval_ns {
             self.evaluate(self.next_eval_ns.max(ts_ns - ts_ns % NS));
-            self.next_eval_ns = ts_ns - ts_ns % NS + NS;
+            self.next_eval_ns = next;
         }
     }
 
