@@ -15,6 +15,14 @@ fn read(clock: libc::clockid_t) -> u64 {
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Wall-clock now in Unix milliseconds (the contract's time unit).
+pub fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// Now, on the clock the kernel programs stamp with (ns).
 pub fn kernel_now_ns() -> u64 {
     read(libc::CLOCK_MONOTONIC_COARSE)

@@ -106,12 +106,8 @@ impl Engine {
     /// applies them and confirms each with [`Engine::cap_applied`].
     pub fn cap_changes(&mut self) -> Vec<(u64, Option<HardCap>)> {
         let mut out = Vec::new();
-        let ids: Vec<(String, u64)> = self
-            .cgroups
-            .iter()
-            .flat_map(|(w, s)| s.iter().map(move |c| (w.clone(), *c)))
-            .collect();
-        for (_, cg) in ids {
+        let ids: Vec<u64> = self.cgroups.values().flatten().copied().collect();
+        for cg in ids {
             if self.pinned_caps.contains(&cg) {
                 continue;
             }
@@ -155,16 +151,7 @@ impl Engine {
     pub fn flows(&mut self, deltas: &[FlowDelta]) {
         for d in deltas {
             let w = self.resolver.resolve(d.id.cgroup_id);
-            if !self
-                .cgroups
-                .get(&w.id)
-                .is_some_and(|s| s.contains(&d.id.cgroup_id))
-            {
-                self.cgroups
-                    .entry(w.id.clone())
-                    .or_default()
-                    .insert(d.id.cgroup_id);
-            }
+            note_cgroup(&mut self.cgroups, &w.id, d.id.cgroup_id);
             let class = if !d.external {
                 "internal"
             } else if self.policy.allowlisted_addr(d.id.remote) {
@@ -195,16 +182,7 @@ impl Engine {
     /// Feeds one DNS payload from the kernel.
     pub fn dns(&mut self, r: &DnsRecord) {
         let w = self.resolver.resolve(r.cgroup_id);
-        if !self
-            .cgroups
-            .get(&w.id)
-            .is_some_and(|s| s.contains(&r.cgroup_id))
-        {
-            self.cgroups
-                .entry(w.id.clone())
-                .or_default()
-                .insert(r.cgroup_id);
-        }
+        note_cgroup(&mut self.cgroups, &w.id, r.cgroup_id);
         match self.dns.observe_payload_of(
             &self.policy,
             &w.id,
@@ -247,5 +225,19 @@ impl Engine {
             }
         }
         out
+    }
+}
+
+/// Remembers that `cgroup_id` belongs to `workload` (allocating only the
+/// first time a cgroup is seen).
+fn note_cgroup(cgroups: &mut HashMap<String, BTreeSet<u64>>, workload: &str, cgroup_id: u64) {
+    if !cgroups
+        .get(workload)
+        .is_some_and(|s| s.contains(&cgroup_id))
+    {
+        cgroups
+            .entry(workload.to_owned())
+            .or_default()
+            .insert(cgroup_id);
     }
 }

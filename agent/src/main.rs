@@ -394,6 +394,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!(%bound, "metrics on /metrics, /healthz, /readyz");
         Some(task)
     };
+    // The policy the controller's updates lay over: the file's (or the
+    // defaults), never a previous update, so an allowlist entry the
+    // controller drops goes away.
+    let mut file_policy = policy.clone();
     let mut engine = Engine::new(
         cgroup_root.clone(),
         policy,
@@ -455,7 +459,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     let mut commands = stream.as_ref().and_then(|(h, _)| h.commands());
-    let mut reports = uplink::FlowReports::new(now_ms());
+    let mut reports = uplink::FlowReports::new(clock::unix_now_ms());
     let mut report_ticker = tokio::time::interval(controller.report_interval);
     report_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The controller's policy, laid over the file's (and again after SIGHUP).
@@ -470,6 +474,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = sighup.recv() => match engine.reload() {
                 Ok(true) => {
                     tracing::info!(policy = ?policy_path, "policy reloaded");
+                    file_policy = engine.policy().clone();
                     if let Some(u) = &controller_policy {
                         match uplink::merge_policy(engine.policy(), u) {
                             Ok(p) => engine.set_policy(p),
@@ -565,7 +570,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 guard.clear_ready();
             }
             _ = report_ticker.tick(), if stream.is_some() => {
-                if let (Some((h, _)), Some(r)) = (&stream, reports.take(now_ms()))
+                if let (Some((h, _)), Some(r)) = (&stream, reports.take(clock::unix_now_ms()))
                     && let Err(e) = h.send_flow_report(r).await
                 {
                     tracing::error!(error = %e, "flow report not journaled");
@@ -573,12 +578,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             Some(cmd) = recv(&mut commands) => {
                 let Some((h, _)) = &stream else { continue };
-                let base = match &policy_path {
-                    // The file is the base the controller's fields lay over.
-                    Some(_) => engine.policy().clone(),
-                    None => Policy::default(),
-                };
-                let result = uplink::apply(&cmd.payload, &mut dp, &mut engine, &base, &mut policy_version);
+                let result = uplink::apply(&cmd.payload, &mut dp, &mut engine, &file_policy, &mut policy_version);
                 if let (Ok(_), pb::controller_message::Payload::PolicyUpdate(u)) = (&result, &cmd.payload) {
                     controller_policy = Some(u.clone());
                 }
@@ -614,13 +614,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// The next command, or never when there is no stream.
@@ -663,11 +656,11 @@ fn cap_detection(
 ) -> pb::Detection {
     let window_s = window.as_secs();
     pb::Detection {
-        detection_id: format!("{node}-cap-{}-{}", workload.cgroup_id, now_ms()),
+        detection_id: format!("{node}-cap-{}-{}", workload.cgroup_id, clock::unix_now_ms()),
         kind: pb::DetectionKind::CapExhausted as i32,
         severity: pb::Severity::High as i32,
         workload: Some(workload),
-        detected_at_unix_ms: now_ms(),
+        detected_at_unix_ms: clock::unix_now_ms(),
         summary: format!(
             "hard cap spent: {spent} of {budget} bytes per {window_s} s; external egress dropped in the kernel until the window ends"
         ),

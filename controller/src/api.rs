@@ -21,7 +21,7 @@ use crate::{
     correlate::workload_key,
     hub::Hub,
     report,
-    store::{Cursor, IncidentFilter, Store},
+    store::{Cursor, Effect, IncidentFilter, Store},
     time::now_ms,
 };
 
@@ -64,6 +64,29 @@ impl IncidentsApi {
             .await
             .map_err(|e| Error::Unavailable(format!("store task: {e}")))?
     }
+
+    /// Hands committed effects (events, commands) to the hub; off the
+    /// runtime, since delivering may write a timeline note (agent not
+    /// connected).
+    async fn deliver(&self, effects: Vec<Effect>) -> Result<(), Status> {
+        let store = self.store.clone();
+        let hub = self.hub.clone();
+        tokio::task::spawn_blocking(move || hub.apply(store.as_ref(), effects))
+            .await
+            .map_err(|e| Status::internal(format!("hub task: {e}")))
+    }
+}
+
+/// A responder's reason, trimmed and bounded; required because it goes
+/// into the timeline.
+fn required_reason(what: &str, reason: &str) -> Result<String> {
+    let reason = reason.trim().chars().take(1024).collect::<String>();
+    if reason.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "{what} needs a reason (it goes into the timeline)"
+        )));
+    }
+    Ok(reason)
 }
 
 fn check_id(id: &str) -> Result<String> {
@@ -196,7 +219,7 @@ impl incidents_server::Incidents for IncidentsApi {
             .await?;
         self.hub.apply(
             self.store.as_ref(),
-            vec![crate::store::Effect::Incident {
+            vec![Effect::Incident {
                 kind: exfilguard_proto::v1::IncidentEventKind::StateChanged,
                 incident: Box::new(incident.clone()),
             }],
@@ -211,23 +234,12 @@ impl incidents_server::Incidents for IncidentsApi {
         let caller = auth::require(self.mode, &request, RESPONDERS)?;
         let r = request.into_inner();
         let id = check_id(&r.id)?;
-        let reason = r.reason.trim().chars().take(1024).collect::<String>();
-        if reason.is_empty() {
-            return Err(Error::InvalidArgument(
-                "a release needs a reason (it goes into the timeline)".into(),
-            )
-            .into());
-        }
+        let reason = required_reason("a release", &r.reason)?;
         let who = actor(&caller);
         let (incident, effects) = self
             .blocking(move |s| s.release(&id, &who, &reason, now_ms()))
             .await?;
-        let store = self.store.clone();
-        let hub = self.hub.clone();
-        // Delivering may write a timeline note (agent not connected): off the runtime.
-        tokio::task::spawn_blocking(move || hub.apply(store.as_ref(), effects))
-            .await
-            .map_err(|e| Status::internal(format!("hub task: {e}")))?;
+        self.deliver(effects).await?;
         Ok(Response::new(incident))
     }
 
@@ -238,13 +250,7 @@ impl incidents_server::Incidents for IncidentsApi {
         let caller = auth::require(self.mode, &request, RESPONDERS)?;
         let r = request.into_inner();
         let id = check_id(&r.id)?;
-        let reason = r.reason.trim().chars().take(1024).collect::<String>();
-        if reason.is_empty() {
-            return Err(Error::InvalidArgument(
-                "a throttle needs a reason (it goes into the timeline)".into(),
-            )
-            .into());
-        }
+        let reason = required_reason("a throttle", &r.reason)?;
         if r.bytes > 0 && !(1..=86_400).contains(&r.window_seconds) {
             return Err(Error::InvalidArgument(format!(
                 "window_seconds {} is not between 1 and 86400",
@@ -257,11 +263,7 @@ impl incidents_server::Incidents for IncidentsApi {
         let (incident, effects) = self
             .blocking(move |s| s.throttle(&id, &who, bytes, window, &reason, now_ms()))
             .await?;
-        let store = self.store.clone();
-        let hub = self.hub.clone();
-        tokio::task::spawn_blocking(move || hub.apply(store.as_ref(), effects))
-            .await
-            .map_err(|e| Status::internal(format!("hub task: {e}")))?;
+        self.deliver(effects).await?;
         Ok(Response::new(incident))
     }
 

@@ -130,8 +130,8 @@ impl Stack {
         }
     }
 
-    /// Runs exfilctl as `role` and parses its JSON output.
-    fn exfilctl(&self, role: &str, args: &[&str]) -> Value {
+    /// exfilctl as `role` with `args`, its exit status left to the caller.
+    fn exfilctl_run(&self, role: &str, args: &[&str]) -> std::process::Output {
         let mut cmd = Command::new(workspace_bin("exfilctl"));
         cmd.arg("--endpoint")
             .arg(format!("https://localhost:{}", self.port))
@@ -141,10 +141,14 @@ impl Stack {
             .arg(self.pki.cert(role))
             .arg("--key")
             .arg(self.pki.key(role))
-            .args(["--output", "json"])
             .args(args)
             .env("HOME", &self.pki.dir);
-        let out = output(cmd, "exfilctl", WAIT);
+        output(cmd, "exfilctl", WAIT)
+    }
+
+    /// Runs exfilctl as `role` and parses its JSON output.
+    fn exfilctl(&self, role: &str, args: &[&str]) -> Value {
+        let out = self.exfilctl_run(role, &[&["--output", "json"], args].concat());
         assert!(
             out.status.success(),
             "exfilctl {args:?}: {}",
@@ -286,19 +290,7 @@ fn a_bulk_upload_is_detected_contained_in_the_kernel_and_released_by_a_responder
     assert_eq!(all.len(), 1, "{all:#?}");
 
     // A viewer may not release; a responder may.
-    let mut denied = Command::new(workspace_bin("exfilctl"));
-    denied
-        .arg("--endpoint")
-        .arg(format!("https://localhost:{}", stack.port))
-        .arg("--ca")
-        .arg(stack.pki.ca())
-        .arg("--cert")
-        .arg(stack.pki.cert("viewer"))
-        .arg("--key")
-        .arg(stack.pki.key("viewer"))
-        .args(["incidents", "release", &id, "--reason", "nope"])
-        .env("HOME", &stack.pki.dir);
-    let denied = output(denied, "exfilctl as viewer", WAIT);
+    let denied = stack.exfilctl_run("viewer", &["incidents", "release", &id, "--reason", "nope"]);
     assert!(!denied.status.success(), "a viewer released an incident");
 
     stack.exfilctl(
@@ -346,17 +338,9 @@ fn a_responder_throttles_an_open_incident_in_the_kernel_and_the_release_lifts_it
     assert_eq!(open["state"], "open", "{open:#}");
 
     // A viewer may not throttle.
-    let mut denied = Command::new(workspace_bin("exfilctl"));
-    denied
-        .arg("--endpoint")
-        .arg(format!("https://localhost:{}", stack.port))
-        .arg("--ca")
-        .arg(stack.pki.ca())
-        .arg("--cert")
-        .arg(stack.pki.cert("viewer"))
-        .arg("--key")
-        .arg(stack.pki.key("viewer"))
-        .args([
+    let denied = stack.exfilctl_run(
+        "viewer",
+        &[
             "incidents",
             "throttle",
             &id,
@@ -364,9 +348,9 @@ fn a_responder_throttles_an_open_incident_in_the_kernel_and_the_release_lifts_it
             "1",
             "--reason",
             "x",
-        ])
-        .env("HOME", &stack.pki.dir);
-    assert!(!output(denied, "exfilctl as viewer", WAIT).status.success());
+        ],
+    );
+    assert!(!denied.status.success(), "a viewer throttled an incident");
 
     const CAP: u64 = 100_000;
     stack.exfilctl(

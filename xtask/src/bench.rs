@@ -69,8 +69,7 @@ fn contain(env: &BuildEnv) -> anyhow::Result<Vec<Measure>> {
             .arg(&out)
             .env("EXFILGUARD_BIN_DIR", "target/release"),
     )?;
-    let text = fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("parsing {}", out.display()))
+    read_measures(&out)
 }
 
 /// Runs the detector benchmark (agent/examples/detect_bench.rs) and reads
@@ -90,8 +89,7 @@ fn detect(env: &BuildEnv) -> anyhow::Result<Vec<Measure>> {
     ]);
     cmd.arg(&out);
     process::run(&mut cmd)?;
-    let text = fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("parsing {}", out.display()))
+    read_measures(&out)
 }
 
 /// Runs the controller's load generator (controller/examples/loadgen.rs)
@@ -112,8 +110,7 @@ fn controller(env: &BuildEnv) -> anyhow::Result<Vec<Measure>> {
             .arg("--json")
             .arg(&out),
     )?;
-    let text = fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("parsing {}", out.display()))
+    read_measures(&out)
 }
 
 /// Runs `tests/src/bin/datapath-bench.rs` (needs root) and reads its measures.
@@ -132,8 +129,13 @@ fn datapath(env: &BuildEnv) -> anyhow::Result<Vec<Measure>> {
     ]);
     cmd.arg(&out);
     process::run(&mut cmd)?;
-    let text = fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("parsing {}", out.display()))
+    read_measures(&out)
+}
+
+/// The measures a benchmark program wrote to `path`.
+fn read_measures(path: &Path) -> anyhow::Result<Vec<Measure>> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
 /// One measured figure and how it compares with its goal.

@@ -1,10 +1,9 @@
 //! `cargo xtask demo`: builds the agent, the controller, exfilctl and the
 //! lab, then runs `exfilguard-lab demo` as root: a live exfiltration in a
 //! namespace lab, caught and contained (see `xtask/lab/src/demo.rs`).
-use std::{path::PathBuf, process::Command};
+use std::process::Command;
 
-use anyhow::{Context as _, bail};
-use serde_json::Value;
+use anyhow::bail;
 
 use crate::{cargo::BuildEnv, process};
 
@@ -31,29 +30,7 @@ pub fn run(env: &BuildEnv, options: &Options) -> anyhow::Result<()> {
         );
     }
     eprintln!("==> building exfilguard-agent, exfilguard-controller, exfilctl, exfilguard-lab");
-    let mut build = env.cargo([
-        "build",
-        "--package",
-        "exfilguard-agent",
-        "--package",
-        "exfilguard-controller",
-        "--package",
-        "exfilguard-lab",
-        "--bins",
-        "--message-format=json-render-diagnostics",
-    ]);
-    let stdout = process::stdout(&mut build)?;
-    let mut bin_dir: Option<PathBuf> = None;
-    for line in stdout.lines().filter(|l| l.starts_with('{')) {
-        let message: Value = serde_json::from_str(line)
-            .with_context(|| format!("cargo printed a line that is not JSON: {line}"))?;
-        if message["reason"] == "compiler-artifact"
-            && let Some(exe) = message["executable"].as_str()
-        {
-            bin_dir = std::path::Path::new(exe).parent().map(PathBuf::from);
-        }
-    }
-    let bin_dir = bin_dir.context("cargo built no binaries")?;
+    let bin_dir = crate::test::build_binaries(env)?;
     let mut lab = Command::new(bin_dir.join("exfilguard-lab"));
     lab.arg("demo").env("EXFILGUARD_BIN_DIR", &bin_dir);
     if options.keep {

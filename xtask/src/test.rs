@@ -197,7 +197,7 @@ struct TestBinary {
 /// Builds the kernel tests without running them, and lists their executables.
 /// Builds the agent, controller and lab binaries the end-to-end kernel tests
 /// start as processes; returns the directory they are in.
-fn build_binaries(env: &BuildEnv) -> anyhow::Result<PathBuf> {
+pub fn build_binaries(env: &BuildEnv) -> anyhow::Result<PathBuf> {
     let mut cmd = env.cargo([
         "build",
         "--package",
@@ -220,7 +220,7 @@ fn build_binaries(env: &BuildEnv) -> anyhow::Result<PathBuf> {
             return Ok(dir.to_path_buf());
         }
     }
-    bail!("cargo built no binary for exfilguard-agent / exfilguard-controller")
+    bail!("cargo built no binary for exfilguard-agent / exfilguard-controller / exfilguard-lab")
 }
 
 fn build_kernel_tests(env: &BuildEnv) -> anyhow::Result<Vec<TestBinary>> {

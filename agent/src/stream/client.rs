@@ -4,7 +4,7 @@
 use std::{
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use exfilguard_proto::v1::{
@@ -18,6 +18,8 @@ use tokio::{
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::clock::unix_now_ms as now_ms;
 
 use super::{
     backoff::Backoff,
@@ -164,13 +166,6 @@ pub struct StreamHandle {
     command_acks: mpsc::UnboundedSender<Ack>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl StreamHandle {

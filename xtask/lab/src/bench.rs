@@ -311,7 +311,7 @@ fn dns_tunnel(
     for i in 0..runs {
         let cg = TestCgroup::named_under(company.path(), &format!("tunnel-{i}"));
         let server = IodineServer::start(lab.peer(), TUNNEL_NS.into(), TUNNEL_ZONE);
-        let started = crate::demo::unix_ms();
+        let started = exfilguard_controller::time::now_ms();
         let client = IodineClient::try_connect(
             lab.client(),
             &cg,

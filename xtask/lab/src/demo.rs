@@ -10,11 +10,11 @@
 use std::{
     net::{IpAddr, Ipv4Addr},
     path::PathBuf,
-    sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
+use exfilguard_controller::time::now_ms;
 use exfilguard_proto::v1::{
     DetectionKind, Incident, IncidentEvent, IncidentEventKind, IncidentState,
 };
@@ -81,13 +81,6 @@ pub struct Options {
     pub out: PathBuf,
     /// Leave everything running until Ctrl-C.
     pub keep: bool,
-}
-
-pub(crate) fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 pub(crate) fn clock(ms: u64) -> String {
@@ -157,7 +150,7 @@ fn live_line(e: &IncidentEvent) {
     let last = i.timeline.last().map(|t| t.cause.as_str()).unwrap_or("");
     println!(
         "  \x1b[31m● {} incident {} {what} {}\x1b[0m  {} {}: {}",
-        clock(unix_ms()),
+        clock(now_ms()),
         i.id,
         state_name(i.state),
         kind_name(i.kind),
@@ -259,16 +252,7 @@ pub fn run(opts: &Options) -> anyhow::Result<bool> {
     note(
         "policy: 100 MB external egress in 10 min, DNS exfiltration rules, action lockdown, backup host allowlisted; counters read every 1 s (the default)",
     );
-    let events: Arc<Mutex<Vec<(u64, IncidentEvent)>>> = Arc::default();
-    {
-        let events = events.clone();
-        stack.watch(move |e| {
-            live_line(&e);
-            if let Ok(mut v) = events.lock() {
-                v.push((unix_ms(), e));
-            }
-        });
-    }
+    stack.watch(|e| live_line(&e));
 
     step("Scenario: a slow DNS leak starts in the background (crm-sync)");
     note(&format!(
@@ -629,7 +613,7 @@ struct Tunnel {
 fn dns_tunnel(lab: &Lab, cg: &TestCgroup, stack: &Stack) -> anyhow::Result<Tunnel> {
     let server = IodineServer::start(lab.peer(), TUNNEL_NS.into(), TUNNEL_ZONE);
     let sink = TcpSink::start(lab.peer(), (server.tunnel_ip(), 9200).into());
-    let started = unix_ms();
+    let started = now_ms();
     let client = IodineClient::try_connect(
         lab.client(),
         cg,
@@ -641,7 +625,7 @@ fn dns_tunnel(lab: &Lab, cg: &TestCgroup, stack: &Stack) -> anyhow::Result<Tunne
         Ok(_) => {
             note(&format!(
                 "{} tunnel up (ml-worker ⇄ {}); pushing 2 MB through it",
-                clock(unix_ms()),
+                clock(now_ms()),
                 server.tunnel_ip()
             ));
             match traffic::try_send_tcp(
