@@ -11,8 +11,9 @@ use rand::Rng;
 
 use crate::{Error, Result, time::civil};
 
-/// Default response per severity (DESIGN.md: `lockdown` is the default for critical).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Default response per severity (DESIGN.md: `lockdown` is the default for
+/// critical), and where containment may act.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResponsePolicy {
     /// Action for critical detections.
     pub critical: PolicyAction,
@@ -20,6 +21,12 @@ pub struct ResponsePolicy {
     pub high: PolicyAction,
     /// Action for low detections.
     pub low: PolicyAction,
+    /// Namespaces never contained, in the kernel or in the cluster: a
+    /// lockdown there is refused and the timeline says so.
+    pub protected_namespaces: Vec<String>,
+    /// Whether the controller can lock pods down through the API server
+    /// (it runs with a Kubernetes client).
+    pub cluster_containment: bool,
 }
 
 impl Default for ResponsePolicy {
@@ -28,11 +35,26 @@ impl Default for ResponsePolicy {
             critical: PolicyAction::Lockdown,
             high: PolicyAction::Alert,
             low: PolicyAction::Alert,
+            protected_namespaces: default_protected_namespaces(),
+            cluster_containment: false,
         }
     }
 }
 
+/// The namespaces of the cluster's own machinery.
+pub fn default_protected_namespaces() -> Vec<String> {
+    ["kube-system", "kube-public", "kube-node-lease"]
+        .map(String::from)
+        .to_vec()
+}
+
 impl ResponsePolicy {
+    /// Whether `namespace` is on the protected list (the empty namespace,
+    /// outside Kubernetes, never is).
+    pub fn is_protected(&self, namespace: &str) -> bool {
+        !namespace.is_empty() && self.protected_namespaces.iter().any(|n| n == namespace)
+    }
+
     /// The action for a detection: the node policy's explicit choice, else the default for its severity.
     pub fn action_for(&self, detection: &Detection) -> PolicyAction {
         match PolicyAction::try_from(detection.action) {

@@ -6,7 +6,7 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -35,6 +35,8 @@ pub struct Hub {
     events: broadcast::Sender<IncidentEvent>,
     /// The detector policy every agent gets (none: agents keep their own).
     policy: Mutex<Option<PolicyUpdate>>,
+    /// Cluster containment ([`crate::k8s::respond`]), when running in a cluster.
+    cluster: OnceLock<mpsc::UnboundedSender<Effect>>,
 }
 
 /// A node's registration; unregisters when dropped (the stream ended).
@@ -63,7 +65,16 @@ impl Hub {
             next_id: AtomicU64::new(1),
             events,
             policy: Mutex::new(None),
+            cluster: OnceLock::new(),
         })
+    }
+
+    /// Routes cluster effects (lockdown and release of pods) to `responder`;
+    /// without one they are dropped, since there is no cluster to act on.
+    pub fn set_cluster(&self, responder: mpsc::UnboundedSender<Effect>) {
+        if self.cluster.set(responder).is_err() {
+            tracing::warn!("a cluster responder is already connected; keeping the first");
+        }
     }
 
     /// Registers `node`'s stream; ALREADY_EXISTS if it has one.
@@ -168,6 +179,15 @@ impl Hub {
                     let id = unblock.incident_id.clone();
                     if !self.send(&node, controller_message::Payload::Unblock(unblock)) {
                         self.note(store, &id, &format!("agent on {node} is not connected; it drops the Block when it reconnects (no longer re-sent)"));
+                    }
+                }
+                cluster @ (Effect::Lockdown { .. } | Effect::Release { .. }) => {
+                    if let Some(responder) = self.cluster.get()
+                        && responder.send(cluster).is_err()
+                    {
+                        tracing::error!(
+                            "the cluster responder stopped; containment in the cluster is not carried out"
+                        );
                     }
                 }
             }

@@ -20,6 +20,10 @@ use crate::{
     gateway::{Gateway, GatewayLimits},
     hub::Hub,
     ingest::Ingestor,
+    k8s::{
+        Containment, ContainmentConfig, LockdownOptions,
+        respond::{Responder, Retry},
+    },
     store::{Store, sqlite::SqliteStore},
 };
 
@@ -35,7 +39,7 @@ pub struct TlsFiles {
 }
 
 /// Everything the server needs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServerConfig {
     /// TLS files; `None` only with `--insecure`.
     pub tls: Option<TlsFiles>,
@@ -52,6 +56,26 @@ pub struct ServerConfig {
     /// Settings from the config file: alert sinks (none: transitions are
     /// recorded in the outbox, not sent) and the reports' time zone.
     pub file: FileConfig,
+    /// The Kubernetes API (`None`: standalone, where containment is the
+    /// agent's in-kernel Block alone). With it, a lockdown also quarantines
+    /// the pod: label, NetworkPolicy, Event.
+    pub kube: Option<kube::Client>,
+    /// What a cluster lockdown still lets the pod reach (DNS, CIDRs).
+    pub lockdown: LockdownOptions,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("tls", &self.tls)
+            .field("db", &self.db)
+            .field("limits", &self.limits)
+            .field("policy", &self.policy)
+            .field("agent_policy", &self.agent_policy)
+            .field("kubernetes", &self.kube.is_some())
+            .field("lockdown", &self.lockdown)
+            .finish_non_exhaustive()
+    }
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>> {
@@ -111,7 +135,30 @@ pub async fn serve(
         hub.set_policy(update);
         spawn_policy_reload(path.clone(), hub.clone());
     }
-    let ingestor = Ingestor::start(store.clone(), hub.clone(), config.policy, 16 * 1024)?;
+    let mut policy = config.policy.clone();
+    policy.cluster_containment = config.kube.is_some();
+    if let Some(client) = &config.kube {
+        let containment = Containment::new(
+            client.clone(),
+            ContainmentConfig {
+                protected_namespaces: policy.protected_namespaces.clone(),
+                ..Default::default()
+            },
+        );
+        let responder = Responder::new(
+            containment,
+            store.clone(),
+            hub.clone(),
+            config.lockdown.clone(),
+            Retry::default(),
+        );
+        responder.clone().start();
+        // Puts back what a restart interrupted; in the background, so the
+        // API server being slow does not hold up the agents.
+        tokio::spawn(async move { responder.reconcile_contained().await });
+        tracing::info!(protected = ?policy.protected_namespaces, "kubernetes containment on");
+    }
+    let ingestor = Ingestor::start(store.clone(), hub.clone(), policy, 16 * 1024)?;
     // Picks up what a previous run left pending, then follows the hub.
     let dispatcher = Dispatcher::start(store.clone(), &config.file.alerts, Some(&hub))
         .map_err(|e| Error::InvalidArgument(format!("alert configuration: {e}")))?;

@@ -941,6 +941,38 @@ fn insecure_mode_serves_plain_text_and_says_so() {
     );
 }
 
+#[test]
+fn kubernetes_on_without_a_cluster_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = |extra: &[&str], kubeconfig: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_exfilguard-controller"))
+            .args(["serve", "--insecure", "--listen", "127.0.0.1:0", "--db"])
+            .arg(dir.path().join("c.db"))
+            .args(extra)
+            .env("KUBECONFIG", kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("EXFILGUARD_KUBERNETES")
+            .output()
+            .unwrap()
+    };
+    let missing = dir.path().join("no-such-kubeconfig");
+    let out = serve(&["--kubernetes", "on"], &missing);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("Kubernetes client"), "{err}");
+    // A CIDR that is not one is refused before anything starts.
+    let out = serve(
+        &["--kubernetes", "off", "--lockdown-keep-cidr", "10.0.0.0/33"],
+        &missing,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("--lockdown-keep-cidr \"10.0.0.0/33\" is not a CIDR"),
+        "{err}"
+    );
+}
+
 /// A webhook sink on 127.0.0.1 that answers 503 while `down`, and otherwise
 /// records each alert's idempotency key (what it processed).
 mod webhook {

@@ -3,7 +3,9 @@
 //! path, query (field manager, force), content type and body; and nothing
 //! else. The last test runs the same lockdown → release flow against a real
 //! API server when `KUBECONFIG` is set.
-use std::{pin::pin, time::Duration};
+mod support;
+
+use std::time::Duration;
 
 use exfilguard_controller::k8s::{
     Containment, ContainmentConfig, DnsEndpoint, FIELD_MANAGER, LockdownOptions, LockdownOutcome,
@@ -11,10 +13,12 @@ use exfilguard_controller::k8s::{
 };
 use kube::{Client, client::Body};
 use serde_json::{Value, json};
+use support::{
+    kube_mock::{Expect, Handle, expect, ok, serve, status},
+    kube_real::{TestNamespace, real_cluster},
+};
 use tonic::codegen::http::{Method, Request, Response, StatusCode};
 use tower_test::mock;
-
-type Handle = mock::Handle<Request<Body>, Response<Body>>;
 
 const NS: &str = "shop";
 const POD: &str = "checkout-7d4b9c8f6-x2x9z";
@@ -43,129 +47,6 @@ fn pod(labels: Value, rv: &str) -> Value {
         "metadata": {"name": POD, "namespace": NS, "uid": UID, "resourceVersion": rv,
             "labels": labels},
         "spec": {"containers": [{"name": "app", "image": "shop/checkout:2.1"}]},
-    })
-}
-
-fn status(code: u16, reason: &str, message: &str) -> (StatusCode, Value) {
-    (
-        StatusCode::from_u16(code).unwrap(),
-        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": message, "reason": reason, "code": code}),
-    )
-}
-
-fn ok(v: Value) -> (StatusCode, Value) {
-    (StatusCode::OK, v)
-}
-
-/// One expected request and the answer the mock server gives.
-struct Expect {
-    method: Method,
-    path: String,
-    /// Query parameters, order-free.
-    query: Vec<(&'static str, String)>,
-    content_type: Option<&'static str>,
-    /// Checks the JSON body (None: no body expected).
-    body: Option<Box<dyn FnOnce(Value) + Send>>,
-    reply: (StatusCode, Value),
-}
-
-fn expect(method: Method, path: &str) -> Expect {
-    Expect {
-        method,
-        path: path.into(),
-        query: vec![],
-        content_type: None,
-        body: None,
-        reply: ok(json!({})),
-    }
-}
-
-impl Expect {
-    fn query(mut self, q: &[(&'static str, &str)]) -> Self {
-        self.query = q.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
-        self
-    }
-    fn body(
-        mut self,
-        content_type: &'static str,
-        check: impl FnOnce(Value) + Send + 'static,
-    ) -> Self {
-        self.content_type = Some(content_type);
-        self.body = Some(Box::new(check));
-        self
-    }
-    fn reply(mut self, r: (StatusCode, Value)) -> Self {
-        self.reply = r;
-        self
-    }
-}
-
-fn parse_query(q: Option<&str>) -> Vec<(String, String)> {
-    let mut v: Vec<(String, String)> = q
-        .unwrap_or_default()
-        .split('&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (k.to_owned(), v.to_owned())
-        })
-        .collect();
-    v.sort();
-    v
-}
-
-/// Serves `script` in order, checking each request, then checks that the
-/// client makes no further request before it is dropped.
-fn serve(handle: Handle, script: Vec<Expect>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut handle = pin!(handle);
-        for (i, e) in script.into_iter().enumerate() {
-            let (req, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
-                .await
-                .unwrap_or_else(|_| panic!("request #{i} ({} {}) never came", e.method, e.path))
-                .unwrap_or_else(|| {
-                    panic!("client gone before request #{i} ({} {})", e.method, e.path)
-                });
-            assert_eq!(req.method(), e.method, "request #{i}: {}", req.uri());
-            assert_eq!(req.uri().path(), e.path, "request #{i}");
-            let mut want: Vec<(String, String)> = e
-                .query
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), v.clone()))
-                .collect();
-            want.sort();
-            assert_eq!(
-                parse_query(req.uri().query()),
-                want,
-                "request #{i} query: {}",
-                req.uri()
-            );
-            let ct = req
-                .headers()
-                .get("content-type")
-                .map(|v| v.to_str().unwrap().to_owned());
-            if let Some(want_ct) = e.content_type {
-                assert_eq!(ct.as_deref(), Some(want_ct), "request #{i} content type");
-            }
-            let bytes = req.into_body().collect_bytes().await.unwrap();
-            match e.body {
-                Some(check) => check(
-                    serde_json::from_slice(&bytes)
-                        .unwrap_or_else(|err| panic!("request #{i} body not JSON: {err}")),
-                ),
-                None => assert!(bytes.is_empty(), "request #{i}: unexpected body"),
-            }
-            let (code, body) = e.reply;
-            let mut res = Response::new(Body::from(serde_json::to_vec(&body).unwrap()));
-            *res.status_mut() = code;
-            send.send_response(res);
-        }
-        // The client is dropped when the test is done with it: any request
-        // before that is one too many.
-        if let Some((req, _)) = handle.next_request().await {
-            panic!("unexpected request {} {}", req.method(), req.uri());
-        }
     })
 }
 
@@ -679,79 +560,6 @@ async fn api_errors_are_errors_with_the_operation() {
     assert!(e.to_string().contains("apply networkpolicy"), "{e}");
     drop(c);
     server.await.unwrap();
-}
-
-/// The real API server, when `KUBECONFIG` is set: `None` (and a printed
-/// reason) otherwise.
-async fn real_cluster(test: &str) -> Option<Client> {
-    if std::env::var_os("KUBECONFIG").is_none_or(|v| v.is_empty()) {
-        // Straight to the stream, past the test harness's capture, so the
-        // skip shows in a normal `cargo test` run.
-        use std::io::Write as _;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED {test}: KUBECONFIG is not set (set it to run against a real API server)"
-        );
-        return None;
-    }
-    Some(
-        Client::try_default()
-            .await
-            .unwrap_or_else(|e| panic!("KUBECONFIG is set but no client: {e}")),
-    )
-}
-
-/// A namespace of the test's own, deleted on drop even when the test fails.
-struct TestNamespace {
-    client: Client,
-    name: String,
-}
-
-impl TestNamespace {
-    async fn create(client: &Client) -> Self {
-        use k8s_openapi::api::core::v1::Namespace;
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let name = format!("exfilguard-test-{}-{nanos}", std::process::id());
-        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
-        kube::Api::<Namespace>::all(client.clone())
-            .create(&Default::default(), &ns)
-            .await
-            .unwrap_or_else(|e| panic!("create namespace {name}: {e}"));
-        Self {
-            client: client.clone(),
-            name,
-        }
-    }
-}
-
-impl Drop for TestNamespace {
-    fn drop(&mut self) {
-        use k8s_openapi::api::core::v1::Namespace;
-        let (client, name) = (self.client.clone(), self.name.clone());
-        // Drop cannot await: delete from a thread with its own runtime.
-        let done = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                kube::Api::<Namespace>::all(client)
-                    .delete(&name, &Default::default())
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| format!("delete namespace {name}: {e}"))
-            })
-        })
-        .join();
-        match done {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => eprintln!("cleanup: {e}"),
-            Err(_) => eprintln!("cleanup thread panicked"),
-        }
-    }
 }
 
 #[tokio::test]

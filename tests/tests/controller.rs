@@ -490,6 +490,8 @@ fn child_process() {
                 policy: ResponsePolicy::default(),
                 agent_policy: None,
                 file: Default::default(),
+                kube: None,
+                lockdown: Default::default(),
             };
             server::serve(config, listener, std::future::pending()).await.expect("serve");
         }),

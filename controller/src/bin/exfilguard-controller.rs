@@ -7,8 +7,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use exfilguard_controller::{
     certs,
     config::FileConfig,
-    correlate::ResponsePolicy,
+    correlate::{ResponsePolicy, default_protected_namespaces},
     gateway::GatewayLimits,
+    k8s::{DnsEndpoint, LockdownOptions},
     server::{self, ServerConfig, TlsFiles},
 };
 use exfilguard_proto::v1::PolicyAction;
@@ -31,7 +32,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve AgentGateway, Incidents, health and reflection.
-    Serve(Serve),
+    Serve(Box<Serve>),
     /// Write a development CA and controller, agent, viewer and responder certificates.
     ///
     /// Reuses DIR/ca.pem and DIR/ca-key.pem when present.
@@ -64,6 +65,17 @@ impl From<Action> for PolicyAction {
             Action::DryRun => PolicyAction::DryRun,
         }
     }
+}
+
+/// Whether to talk to the Kubernetes API.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Kubernetes {
+    /// In a pod (KUBERNETES_SERVICE_HOST) or with KUBECONFIG set: on; else off.
+    Auto,
+    /// Required: fail to start without a working client.
+    On,
+    /// Standalone: containment is the agents' in-kernel Block alone.
+    Off,
 }
 
 #[derive(clap::Args)]
@@ -124,6 +136,59 @@ struct Serve {
     /// Config file (YAML) with the alert sinks; see the `config` module docs.
     #[arg(long, env = "EXFILGUARD_CONFIG")]
     config: Option<PathBuf>,
+    /// Use the Kubernetes API to quarantine pods (label, NetworkPolicy, Event).
+    #[arg(
+        long,
+        value_enum,
+        env = "EXFILGUARD_KUBERNETES",
+        default_value = "auto"
+    )]
+    kubernetes: Kubernetes,
+    /// Namespace never contained (repeat; replaces the default list
+    /// kube-system, kube-public, kube-node-lease).
+    #[arg(
+        long = "protected-namespace",
+        env = "EXFILGUARD_PROTECTED_NAMESPACES",
+        value_delimiter = ','
+    )]
+    protected_namespaces: Vec<String>,
+    /// Let a locked-down pod still reach cluster DNS (kube-system pods
+    /// labelled k8s-app=kube-dns). Off by default: DNS is an exfiltration path.
+    #[arg(long, env = "EXFILGUARD_LOCKDOWN_KEEP_DNS")]
+    lockdown_keep_dns: bool,
+    /// A CIDR a locked-down pod may still reach (repeat), e.g. a log collector.
+    #[arg(
+        long = "lockdown-keep-cidr",
+        env = "EXFILGUARD_LOCKDOWN_KEEP_CIDRS",
+        value_delimiter = ','
+    )]
+    lockdown_keep_cidrs: Vec<String>,
+}
+
+/// The Kubernetes client `mode` asks for; `None` when standalone.
+async fn kube_client(mode: Kubernetes) -> anyhow::Result<Option<kube::Client>> {
+    let present = |k: &str| std::env::var_os(k).is_some_and(|v| !v.is_empty());
+    let wanted = match mode {
+        Kubernetes::Off => false,
+        Kubernetes::On => true,
+        Kubernetes::Auto => present("KUBERNETES_SERVICE_HOST") || present("KUBECONFIG"),
+    };
+    if !wanted {
+        tracing::info!(
+            "standalone: no Kubernetes API (containment is the agents' in-kernel Block)"
+        );
+        return Ok(None);
+    }
+    let client = kube::Client::try_default()
+        .await
+        .context("Kubernetes client (in-cluster service account or KUBECONFIG)")?;
+    // Fail at start, not at the first incident, when the API is unreachable.
+    let version = client
+        .apiserver_version()
+        .await
+        .context("reach the Kubernetes API server")?;
+    tracing::info!(version = %version.git_version, "Kubernetes API reachable");
+    Ok(Some(client))
 }
 
 fn init_tracing(json: bool) {
@@ -185,6 +250,16 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
             .with_context(|| format!("write {}", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display()))?;
     }
+    for cidr in &args.lockdown_keep_cidrs {
+        cidr.parse::<ipnet::IpNet>()
+            .with_context(|| format!("--lockdown-keep-cidr {cidr:?} is not a CIDR"))?;
+    }
+    let kube = kube_client(args.kubernetes).await?;
+    let protected_namespaces = if args.protected_namespaces.is_empty() {
+        default_protected_namespaces()
+    } else {
+        args.protected_namespaces
+    };
     let config = ServerConfig {
         tls,
         db: args.db,
@@ -198,9 +273,17 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
             critical: args.critical_action.into(),
             high: args.high_action.into(),
             low: PolicyAction::Alert,
+            protected_namespaces,
+            cluster_containment: kube.is_some(),
         },
         agent_policy: args.agent_policy,
         file,
+        kube,
+        lockdown: LockdownOptions {
+            dry_run: false,
+            allow_dns: args.lockdown_keep_dns.then(DnsEndpoint::kube_dns),
+            allow_cidrs: args.lockdown_keep_cidrs,
+        },
     };
     server::serve(config, listener, shutdown_signal())
         .await
@@ -212,7 +295,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing(cli.log_json);
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Certs { out, hosts, nodes } => {
             let pki = certs::write_dev_pki(&out, &hosts, &nodes).context("write certificates")?;
             println!("wrote development PKI to {}", pki.dir.display());

@@ -71,9 +71,7 @@ pub struct ContainmentConfig {
 impl Default for ContainmentConfig {
     fn default() -> Self {
         Self {
-            protected_namespaces: ["kube-system", "kube-public", "kube-node-lease"]
-                .map(String::from)
-                .to_vec(),
+            protected_namespaces: crate::correlate::default_protected_namespaces(),
             reporting_controller: "exfilguard.io/controller".into(),
             reporting_instance: std::env::var("POD_NAME")
                 .ok()

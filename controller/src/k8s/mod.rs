@@ -1,5 +1,6 @@
 //! Kubernetes side of the controller: containment of one pod
-//! ([`containment`]) and the custom resources ([`crd`]).
+//! ([`containment`]), carried out for incidents by [`respond`], and the
+//! custom resources ([`crd`]).
 //!
 //! Everything here talks to the API server through a [`kube::Client`], so the
 //! tests drive it with kube's `tower-test` mock (exact requests) and, when
@@ -8,6 +9,7 @@
 pub mod containment;
 pub mod crd;
 mod names;
+pub mod respond;
 
 pub use containment::{
     Containment, ContainmentConfig, DnsEndpoint, LockdownOptions, LockdownOutcome, PlannedAction,

@@ -9,7 +9,7 @@ pub mod sqlite;
 
 use exfilguard_proto::v1::{
     Block, Detection, FlowReport, Incident, IncidentEventKind, IncidentState, Node, SetCap, Talker,
-    Unblock,
+    Unblock, Workload,
 };
 
 use crate::{Result, alerts::Alert, correlate::ResponsePolicy};
@@ -83,6 +83,27 @@ pub enum Effect {
         node: String,
         /// The command.
         set_cap: SetCap,
+    },
+    /// Cluster containment of the incident's pod (NetworkPolicy, quarantine
+    /// label, Event); only acted on when the controller runs in a cluster.
+    Lockdown {
+        /// The incident.
+        incident_id: String,
+        /// Its workload (namespace, pod, cgroup path).
+        workload: Box<Workload>,
+        /// Policy `dry-run`: record what would be done, change nothing.
+        dry_run: bool,
+    },
+    /// Undo the cluster containment of a released incident's pod.
+    Release {
+        /// The incident.
+        incident_id: String,
+        /// Its workload.
+        workload: Box<Workload>,
+        /// Who released it.
+        by: String,
+        /// Why.
+        reason: String,
     },
 }
 

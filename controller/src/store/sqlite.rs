@@ -299,40 +299,83 @@ fn set_state(tx: &Transaction<'_>, id: &str, state: IncidentState, now_ms: u64) 
     Ok(())
 }
 
-/// Applies the policy's action to an open incident; returns the Block to send, if any.
+/// Applies the policy's action to an open incident; returns the commands
+/// to send: the agent's in-kernel Block (when the workload has a cgroup id)
+/// and the cluster lockdown of its pod (when the controller runs in a
+/// cluster and the workload is a pod).
 fn respond(
     tx: &Transaction<'_>,
     incident: &str,
     node: &str,
     workload: &Workload,
     action: PolicyAction,
+    policy: &ResponsePolicy,
     now_ms: u64,
-) -> Result<Option<Effect>> {
+) -> Result<Vec<Effect>> {
     let open = IncidentState::Open as i32;
+    let contains = matches!(action, PolicyAction::Lockdown | PolicyAction::DryRun);
+    if contains && policy.is_protected(&workload.namespace) {
+        add_timeline(
+            tx,
+            incident,
+            now_ms,
+            "controller",
+            &format!(
+                "{} refused: namespace {} is on the protected list; not contained (alert only)",
+                if action == PolicyAction::DryRun {
+                    "dry-run: lockdown"
+                } else {
+                    "lockdown"
+                },
+                workload.namespace
+            ),
+            open,
+        )?;
+        return Ok(Vec::new());
+    }
+    let in_cluster = policy.cluster_containment && !workload.pod.is_empty();
+    let cluster = |dry_run| Effect::Lockdown {
+        incident_id: incident.to_string(),
+        workload: Box::new(workload.clone()),
+        dry_run,
+    };
     match action {
-        PolicyAction::Lockdown if workload.cgroup_id != 0 => {
+        PolicyAction::Lockdown if workload.cgroup_id != 0 || in_cluster => {
             set_state(tx, incident, IncidentState::Contained, now_ms)?;
+            let mut effects = Vec::new();
+            let mut done = Vec::new();
+            if workload.cgroup_id != 0 {
+                done.push(format!(
+                    "in-kernel Block of cgroup {} sent to the agent on {node}",
+                    workload.cgroup_id
+                ));
+                effects.push(Effect::Block {
+                    node: node.to_string(),
+                    block: Box::new(Block {
+                        incident_id: incident.to_string(),
+                        cgroup_id: workload.cgroup_id,
+                        workload: Some(workload.clone()),
+                        remote_cidrs: Vec::new(),
+                        reason: format!("incident {incident}: policy action lockdown"),
+                    }),
+                });
+            }
+            if in_cluster {
+                done.push(format!(
+                    "NetworkPolicy and quarantine label requested for pod {}/{}",
+                    workload.namespace, workload.pod
+                ));
+                effects.push(cluster(false));
+            }
             add_timeline(
                 tx,
                 incident,
                 now_ms,
                 "controller",
-                &format!(
-                    "lockdown: in-kernel Block of cgroup {} sent to the agent on {node}",
-                    workload.cgroup_id
-                ),
+                &format!("lockdown: {}", done.join("; ")),
                 IncidentState::Contained as i32,
             )?;
-            Ok(Some(Effect::Block {
-                node: node.to_string(),
-                block: Box::new(Block {
-                    incident_id: incident.to_string(),
-                    cgroup_id: workload.cgroup_id,
-                    workload: Some(workload.clone()),
-                    remote_cidrs: Vec::new(),
-                    reason: format!("incident {incident}: policy action lockdown"),
-                }),
-            }))
+            Ok(effects)
         }
         PolicyAction::Lockdown => {
             add_timeline(
@@ -343,7 +386,7 @@ fn respond(
                 "lockdown requested, but the agent reported no cgroup id for the workload: not contained",
                 open,
             )?;
-            Ok(None)
+            Ok(Vec::new())
         }
         PolicyAction::DryRun => {
             add_timeline(
@@ -354,9 +397,13 @@ fn respond(
                 "dry-run: lockdown would have blocked the workload's egress",
                 open,
             )?;
-            Ok(None)
+            Ok(if in_cluster {
+                vec![cluster(true)]
+            } else {
+                Vec::new()
+            })
         }
-        PolicyAction::Alert | PolicyAction::Unspecified => Ok(None),
+        PolicyAction::Alert | PolicyAction::Unspecified => Ok(Vec::new()),
     }
 }
 
@@ -511,10 +558,8 @@ impl SqliteStore {
         };
         // Containment follows the first detection that asks for it while the
         // incident is still open; a contained incident is not re-contained.
-        if state == IncidentState::Open as i32
-            && let Some(effect) = respond(tx, &id, &msg.node, &workload, action, now)?
-        {
-            effects.push(effect);
+        if state == IncidentState::Open as i32 {
+            effects.extend(respond(tx, &id, &msg.node, &workload, action, policy, now)?);
         }
         Self::record_alerts(tx, &id, kind, state, now, &actor, &cause)?;
         let canonical = json::detection(&msg.node, msg.seq, d).to_string();
@@ -745,6 +790,16 @@ impl Store for SqliteStore {
                         reason: format!("released by {actor}: {reason}"),
                     },
                 });
+                // Undone in the cluster too when it was locked down there;
+                // a controller without a cluster ignores it.
+                if let Some(w) = incident.workload.as_ref().filter(|w| !w.pod.is_empty()) {
+                    effects.push(Effect::Release {
+                        incident_id: id.to_string(),
+                        workload: Box::new(w.clone()),
+                        by: actor.to_string(),
+                        reason: reason.to_string(),
+                    });
+                }
                 IncidentState::Released
             }
             Ok(IncidentState::Open) => IncidentState::Resolved,
@@ -1109,6 +1164,135 @@ mod tests {
         assert_eq!(full.evidence.len(), 2);
         assert_eq!(full.evidence[0].sha256.len(), 64);
         assert_eq!(hello(&store, "n1"), 3);
+    }
+
+    /// Ingests one critical detection for `ns/pod` and returns its effects
+    /// and the incident (with timeline) it opened.
+    fn contain(
+        store: &SqliteStore,
+        policy: &ResponsePolicy,
+        seq: u64,
+        ns: &str,
+        pod: &str,
+        cgroup_id: u64,
+    ) -> (Vec<Effect>, Incident) {
+        let mut msg = detection("n1", seq, pod, Severity::Critical, cgroup_id);
+        if let Payload::Detection(d) = &mut msg.payload {
+            d.workload.as_mut().unwrap().namespace = ns.into();
+        }
+        let out = store.ingest(&[msg], policy).unwrap();
+        let Some(IngestOutcome::Stored(effects)) = out.into_iter().next() else {
+            panic!("not stored");
+        };
+        let Some(Effect::Incident { incident, .. }) = effects.first() else {
+            panic!("no incident effect: {effects:?}");
+        };
+        let full = store.get_incident(&incident.id).unwrap();
+        (effects, full)
+    }
+
+    fn last_cause(i: &Incident) -> &str {
+        &i.timeline.last().unwrap().cause
+    }
+
+    #[test]
+    fn cluster_lockdown_goes_with_the_block_and_alone_without_a_cgroup() {
+        let (_dir, store) = open_temp();
+        hello(&store, "n1");
+        let policy = ResponsePolicy {
+            cluster_containment: true,
+            ..Default::default()
+        };
+        let (effects, incident) = contain(&store, &policy, 1, "shop", "db-0", 42);
+        assert_eq!(incident.state, IncidentState::Contained as i32);
+        assert!(matches!(&effects[1], Effect::Block { block, .. } if block.cgroup_id == 42));
+        assert!(matches!(&effects[2],
+            Effect::Lockdown { incident_id, workload, dry_run: false }
+                if *incident_id == incident.id && workload.pod == "db-0"));
+        assert_eq!(
+            last_cause(&incident),
+            "lockdown: in-kernel Block of cgroup 42 sent to the agent on n1; \
+             NetworkPolicy and quarantine label requested for pod shop/db-0"
+        );
+        // No cgroup id from the agent: the NetworkPolicy alone contains.
+        let (effects, incident) = contain(&store, &policy, 2, "shop", "web-1", 0);
+        assert_eq!(incident.state, IncidentState::Contained as i32);
+        assert_eq!(effects.len(), 2, "{effects:?}");
+        assert!(matches!(
+            &effects[1],
+            Effect::Lockdown { dry_run: false, .. }
+        ));
+        // Release undoes both.
+        let (_, effects) = store
+            .release(&incident.id, "alice", "false positive", 5)
+            .unwrap();
+        assert!(matches!(&effects[2],
+            Effect::Release { workload, by, reason, .. }
+                if workload.pod == "web-1" && by == "alice" && reason == "false positive"));
+    }
+
+    #[test]
+    fn standalone_lockdown_has_no_cluster_effect() {
+        let (_dir, store) = open_temp();
+        hello(&store, "n1");
+        let policy = ResponsePolicy::default();
+        let (effects, incident) = contain(&store, &policy, 1, "shop", "db-0", 42);
+        assert_eq!(effects.len(), 2, "{effects:?}");
+        assert!(matches!(&effects[1], Effect::Block { .. }));
+        let (effects, incident2) = contain(&store, &policy, 2, "shop", "web-1", 0);
+        assert_eq!(effects.len(), 1, "{effects:?}");
+        assert_eq!(incident2.state, IncidentState::Open as i32);
+        assert!(last_cause(&incident2).contains("no cgroup id"));
+        assert_eq!(incident.state, IncidentState::Contained as i32);
+    }
+
+    #[test]
+    fn protected_namespaces_are_never_contained() {
+        let (_dir, store) = open_temp();
+        hello(&store, "n1");
+        for (i, action) in [PolicyAction::Lockdown, PolicyAction::DryRun]
+            .into_iter()
+            .enumerate()
+        {
+            let policy = ResponsePolicy {
+                critical: action,
+                cluster_containment: true,
+                ..Default::default()
+            };
+            let pod = format!("coredns-{i}");
+            let (effects, incident) =
+                contain(&store, &policy, i as u64 + 1, "kube-system", &pod, 42);
+            assert_eq!(effects.len(), 1, "{action:?}: {effects:?}");
+            assert_eq!(incident.state, IncidentState::Open as i32);
+            assert!(
+                last_cause(&incident)
+                    .contains("namespace kube-system is on the protected list; not contained"),
+                "{}",
+                last_cause(&incident)
+            );
+        }
+        // The same pod name elsewhere is contained.
+        let policy = ResponsePolicy::default();
+        let (_, incident) = contain(&store, &policy, 9, "shop", "coredns-0", 42);
+        assert_eq!(incident.state, IncidentState::Contained as i32);
+    }
+
+    #[test]
+    fn dry_run_in_a_cluster_asks_for_a_plan_and_changes_nothing() {
+        let (_dir, store) = open_temp();
+        hello(&store, "n1");
+        let policy = ResponsePolicy {
+            critical: PolicyAction::DryRun,
+            cluster_containment: true,
+            ..Default::default()
+        };
+        let (effects, incident) = contain(&store, &policy, 1, "shop", "db-0", 42);
+        assert_eq!(incident.state, IncidentState::Open as i32);
+        assert_eq!(effects.len(), 2, "{effects:?}");
+        assert!(matches!(
+            &effects[1],
+            Effect::Lockdown { dry_run: true, .. }
+        ));
     }
 
     #[test]

@@ -1,0 +1,520 @@
+//! An incident's cluster containment end to end: the controller served on
+//! loopback with kube's mock API server behind it, a real gRPC agent stream
+//! sending a critical detection for a pod. The agent gets its in-kernel
+//! Block and, at the same time, the API server sees the lockdown (read pod,
+//! apply NetworkPolicy, label, Event); the outcome lands in the timeline.
+//! A responder's release undoes both. Dry-run and protected namespaces make
+//! no API write at all.
+
+mod support;
+
+use std::{pin::Pin, time::Duration};
+
+use exfilguard_controller::{
+    correlate::ResponsePolicy,
+    gateway::GatewayLimits,
+    k8s::FIELD_MANAGER,
+    server::{self, ServerConfig},
+};
+use exfilguard_proto::v1::{
+    AgentMessage, ControllerMessage, Detection, DetectionKind, Evidence, GetIncidentRequest, Hello,
+    Incident, PolicyAction, ReleaseIncidentRequest, Severity, Workload,
+    agent_gateway_client::AgentGatewayClient, agent_message, controller_message,
+    incidents_client::IncidentsClient,
+};
+use kube::{Client, client::Body};
+use serde_json::{Value, json};
+use support::{
+    kube_mock::{Expect, Handle, answer, expect, no_request, ok},
+    kube_real::{TestNamespace, real_cluster},
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{
+    Streaming,
+    codegen::http::{Method, Request, Response, StatusCode},
+    transport::Channel,
+};
+use tower_test::mock;
+
+const WAIT: Duration = Duration::from_secs(20);
+const POD: &str = "checkout-7d4b9c8f6-x2x9z";
+const UID: &str = "6f1c2b9e-6a49-4d0c-9a57-1b2f0c3d4e5f";
+const CGROUP: &str = "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod6f1c2b9e_6a49_4d0c_9a57_1b2f0c3d4e5f.slice/cri-containerd-0123.scope";
+
+/// The controller in this process, plain text on 127.0.0.1, with the mock
+/// API server as its Kubernetes; stopped on drop.
+struct Stack {
+    channel: Channel,
+    api: Pin<Box<Handle>>,
+    stop: Option<oneshot::Sender<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Stack {
+    async fn start(critical: PolicyAction) -> Stack {
+        let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        Self::with_client(critical, Client::new(svc, "default"), handle).await
+    }
+
+    /// With `client` as its Kubernetes; `api` is the mock's handle (unused
+    /// against a real API server).
+    async fn with_client(critical: PolicyAction, client: Client, api: Handle) -> Stack {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = ServerConfig {
+            tls: None,
+            db: dir.path().join("c.db"),
+            limits: GatewayLimits::default(),
+            max_streams_per_connection: 64,
+            policy: ResponsePolicy {
+                critical,
+                ..Default::default()
+            },
+            agent_policy: None,
+            file: Default::default(),
+            kube: Some(client),
+            lockdown: Default::default(),
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            server::serve(config, listener, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("serve");
+        });
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5));
+        let channel = retry_connect(channel).await;
+        Stack {
+            channel,
+            api: Box::pin(api),
+            stop: Some(stop),
+            _dir: dir,
+        }
+    }
+
+    async fn incident(&self, id: &str) -> Incident {
+        IncidentsClient::new(self.channel.clone())
+            .get_incident(GetIncidentRequest { id: id.into() })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Waits until the incident's timeline has an entry containing `text`.
+    async fn timeline_entry(&self, id: &str, text: &str) -> String {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let incident = self.incident(id).await;
+            if let Some(e) = incident.timeline.iter().find(|e| e.cause.contains(text)) {
+                return e.cause.clone();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no timeline entry with {text:?}: {:#?}",
+                incident.timeline
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+async fn retry_connect(endpoint: tonic::transport::Endpoint) -> Channel {
+    for _ in 0..50 {
+        if let Ok(ch) = endpoint.connect().await {
+            return ch;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("controller did not come up");
+}
+
+/// A test agent on node `n1`.
+struct Agent {
+    tx: mpsc::Sender<AgentMessage>,
+    rx: Streaming<ControllerMessage>,
+}
+
+impl Agent {
+    async fn open(ch: Channel) -> Agent {
+        let (tx, out) = mpsc::channel(16);
+        tx.send(AgentMessage {
+            payload: Some(agent_message::Payload::Hello(Hello {
+                node_name: "n1".into(),
+                agent_version: "test".into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let rx = AgentGatewayClient::new(ch)
+            .connect(ReceiverStream::new(out))
+            .await
+            .unwrap()
+            .into_inner();
+        Agent { tx, rx }
+    }
+
+    async fn detect(&self, seq: u64, namespace: &str) {
+        self.detect_pod(seq, namespace, POD, CGROUP).await
+    }
+
+    async fn detect_pod(&self, seq: u64, namespace: &str, pod: &str, cgroup_path: &str) {
+        let msg = AgentMessage {
+            seq,
+            sent_at_unix_ms: 1,
+            payload: Some(agent_message::Payload::Detection(Detection {
+                detection_id: format!("det-{seq}"),
+                kind: DetectionKind::Volume as i32,
+                severity: Severity::Critical as i32,
+                workload: Some(Workload {
+                    namespace: namespace.into(),
+                    pod: pod.into(),
+                    cgroup_id: 42,
+                    cgroup_path: cgroup_path.into(),
+                    ..Default::default()
+                }),
+                summary: "150 MB to 203.0.113.7:443 in 10 min".into(),
+                bytes_estimate: 150_000_000,
+                window_seconds: 600,
+                threshold: 100_000_000,
+                evidence: Some(Evidence::default()),
+                ..Default::default()
+            })),
+        };
+        self.tx.send(msg).await.unwrap();
+    }
+
+    /// The next command other than Welcome, PolicyUpdate and Ack.
+    async fn command(&mut self) -> controller_message::Payload {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.rx.message())
+                .await
+                .expect("a command in time")
+                .expect("stream ok")
+                .expect("stream open");
+            match msg.payload {
+                Some(
+                    controller_message::Payload::Welcome(_)
+                    | controller_message::Payload::Ack(_)
+                    | controller_message::Payload::PolicyUpdate(_),
+                )
+                | None => continue,
+                Some(other) => return other,
+            }
+        }
+    }
+
+    /// The incident id of the first incident's opening, from the Acks'
+    /// side: the Block names it.
+    async fn block(&mut self) -> String {
+        match self.command().await {
+            controller_message::Payload::Block(b) => {
+                assert_eq!(b.cgroup_id, 42);
+                b.incident_id
+            }
+            other => panic!("expected a Block, got {other:?}"),
+        }
+    }
+}
+
+fn pod_path(ns: &str) -> String {
+    format!("/api/v1/namespaces/{ns}/pods/{POD}")
+}
+
+fn policy_path(ns: &str) -> String {
+    format!("/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies/exfilguard-lockdown-{POD}")
+}
+
+fn pod(ns: &str, labels: Value, rv: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": POD, "namespace": ns, "uid": UID, "resourceVersion": rv, "labels": labels},
+        "spec": {"containers": [{"name": "app", "image": "shop/checkout:2.1"}]},
+    })
+}
+
+fn event(ns: &str, reason: &'static str, incident: String) -> Expect {
+    expect(Method::POST, &format!("/apis/events.k8s.io/v1/namespaces/{ns}/events"))
+        .query(&[("fieldManager", FIELD_MANAGER)])
+        .body("application/json", move |ev| {
+            assert_eq!(ev["reason"], reason);
+            assert_eq!(ev["regarding"]["uid"], UID);
+            assert!(ev["note"].as_str().unwrap().contains(&incident), "{ev}");
+        })
+        .reply((StatusCode::CREATED, json!({"apiVersion": "events.k8s.io/v1", "kind": "Event",
+            "metadata": {"name": "x", "namespace": ns}, "eventTime": "2026-11-23T11:15:00.000000Z"})))
+}
+
+fn lockdown_script(ns: &str, incident: &str) -> Vec<Expect> {
+    let (i1, i2, i3) = (
+        incident.to_owned(),
+        incident.to_owned(),
+        incident.to_owned(),
+    );
+    vec![
+        expect(Method::GET, &pod_path(ns)).reply(ok(pod(ns, json!({"app": "checkout"}), "41"))),
+        expect(Method::PATCH, &policy_path(ns))
+            .query(&[("fieldManager", FIELD_MANAGER), ("force", "true")])
+            .body("application/apply-patch+yaml", move |np| {
+                // Exactly the incident's pod, by the quarantine label; nothing allowed out.
+                assert_eq!(
+                    np["spec"],
+                    json!({"podSelector": {"matchLabels": {"exfilguard.io/quarantine": i1}},
+                           "policyTypes": ["Egress"], "egress": []})
+                );
+                assert_eq!(np["metadata"]["ownerReferences"][0]["uid"], UID);
+            })
+            .reply(ok(json!({}))),
+        expect(Method::PATCH, &pod_path(ns))
+            .query(&[("fieldManager", FIELD_MANAGER)])
+            .body("application/merge-patch+json", move |b| {
+                assert_eq!(
+                    b,
+                    json!({"metadata": {"uid": UID, "labels": {"exfilguard.io/quarantine": i2}}})
+                )
+            })
+            .reply(ok(pod(
+                ns,
+                json!({"exfilguard.io/quarantine": incident}),
+                "42",
+            ))),
+        event(ns, "ExfilguardLockdown", i3),
+    ]
+}
+
+#[tokio::test]
+async fn lockdown_reaches_agent_and_api_and_release_undoes_both() {
+    let mut stack = Stack::start(PolicyAction::Lockdown).await;
+    let mut agent = Agent::open(stack.channel.clone()).await;
+    agent.detect(1, "shop").await;
+    let id = agent.block().await;
+    answer(&mut stack.api, lockdown_script("shop", &id)).await;
+    let entry = stack.timeline_entry(&id, "kubernetes lockdown").await;
+    assert_eq!(
+        entry,
+        format!(
+            "kubernetes lockdown: NetworkPolicy shop/exfilguard-lockdown-{POD} applied (egress denied), \
+             pod shop/{POD} labelled exfilguard.io/quarantine={id}; Event recorded on the pod"
+        )
+    );
+    // A second detection of the same episode contains nothing again.
+    agent.detect(2, "shop").await;
+    no_request(&mut stack.api, Duration::from_millis(500)).await;
+
+    IncidentsClient::new(stack.channel.clone())
+        .release_incident(ReleaseIncidentRequest {
+            id: id.clone(),
+            reason: "false positive: nightly backup".into(),
+        })
+        .await
+        .unwrap();
+    match agent.command().await {
+        controller_message::Payload::Unblock(u) => assert_eq!(u.incident_id, id),
+        other => panic!("expected an Unblock, got {other:?}"),
+    }
+    let labelled = json!({"app": "checkout", "exfilguard.io/quarantine": id});
+    answer(
+        &mut stack.api,
+        vec![
+            expect(Method::GET, &pod_path("shop")).reply(ok(pod("shop", labelled, "50"))),
+            expect(Method::PATCH, &pod_path("shop"))
+                .query(&[("fieldManager", FIELD_MANAGER)])
+                .body("application/merge-patch+json", |b| {
+                    assert_eq!(
+                        b["metadata"]["labels"],
+                        json!({"exfilguard.io/quarantine": null})
+                    )
+                })
+                .reply(ok(pod("shop", json!({"app": "checkout"}), "51"))),
+            expect(Method::GET, &policy_path("shop")).reply(ok(json!({
+                "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": format!("exfilguard-lockdown-{POD}"), "namespace": "shop",
+                    "uid": "np-1", "resourceVersion": "77",
+                    "labels": {"exfilguard.io/incident": id}},
+                "spec": {"podSelector": {}},
+            }))),
+            expect(Method::DELETE, &policy_path("shop"))
+                .body("application/json", |b| {
+                    assert_eq!(
+                        b["preconditions"],
+                        json!({"uid": "np-1", "resourceVersion": "77"})
+                    )
+                })
+                .reply(ok(
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Success",
+                    "metadata": {}, "code": 200}),
+                )),
+            event("shop", "ExfilguardRelease", id.clone()),
+        ],
+    )
+    .await;
+    let entry = stack.timeline_entry(&id, "kubernetes release").await;
+    assert_eq!(
+        entry,
+        format!(
+            "kubernetes release of pod shop/{POD}: quarantine label removed, NetworkPolicy deleted"
+        )
+    );
+    no_request(&mut stack.api, Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn api_outage_is_retried_then_recorded() {
+    let mut stack = Stack::start(PolicyAction::Lockdown).await;
+    let mut agent = Agent::open(stack.channel.clone()).await;
+    agent.detect(1, "shop").await;
+    let id = agent.block().await;
+    let down = || {
+        expect(Method::GET, &pod_path("shop")).reply(support::kube_mock::status(
+            503,
+            "ServiceUnavailable",
+            "etcd is down",
+        ))
+    };
+    // Four attempts (0.5 + 1 + 2 s apart), then the timeline says so; the
+    // in-kernel Block was sent regardless.
+    answer(&mut stack.api, vec![down(), down(), down(), down()]).await;
+    let entry = stack.timeline_entry(&id, "failed after").await;
+    assert!(
+        entry.starts_with(&format!(
+            "kubernetes lockdown of pod shop/{POD} failed after 4 attempt(s)"
+        )) && entry.contains("etcd is down")
+            && entry.contains(&format!(
+                "kubectl -n shop label pod {POD} exfilguard.io/quarantine={id}"
+            )),
+        "{entry}"
+    );
+    no_request(&mut stack.api, Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn dry_run_records_the_plan_and_writes_nothing() {
+    let mut stack = Stack::start(PolicyAction::DryRun).await;
+    let agent = Agent::open(stack.channel.clone()).await;
+    agent.detect(1, "shop").await;
+    // No Block, no API call: find the incident by listing.
+    let id = loop {
+        let list = IncidentsClient::new(stack.channel.clone())
+            .list_incidents(exfilguard_proto::v1::ListIncidentsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        if let Some(i) = list.incidents.first() {
+            break i.id.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let entry = stack.timeline_entry(&id, "dry-run: kubernetes").await;
+    assert_eq!(
+        entry,
+        format!(
+            "dry-run: kubernetes lockdown would apply NetworkPolicy shop/exfilguard-lockdown-{POD} \
+             (egress denied); label pod shop/{POD} exfilguard.io/quarantine={id}; \
+             record Event ExfilguardLockdown on pod shop/{POD}"
+        )
+    );
+    assert_eq!(stack.incident(&id).await.state, 1, "stays open");
+    no_request(&mut stack.api, Duration::from_millis(500)).await;
+}
+
+#[tokio::test]
+async fn protected_namespace_is_left_alone_and_says_so() {
+    let mut stack = Stack::start(PolicyAction::Lockdown).await;
+    let agent = Agent::open(stack.channel.clone()).await;
+    agent.detect(1, "kube-system").await;
+    let id = loop {
+        let list = IncidentsClient::new(stack.channel.clone())
+            .list_incidents(exfilguard_proto::v1::ListIncidentsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        if let Some(i) = list.incidents.first() {
+            break i.id.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    stack
+        .timeline_entry(
+            &id,
+            "lockdown refused: namespace kube-system is on the protected list",
+        )
+        .await;
+    assert_eq!(stack.incident(&id).await.state, 1, "stays open");
+    no_request(&mut stack.api, Duration::from_millis(500)).await;
+}
+
+/// The same flow against a real API server when `KUBECONFIG` is set: the
+/// pod gets the label and its own NetworkPolicy, a replica with the same
+/// app label is untouched, and the release removes both.
+#[tokio::test]
+async fn real_cluster_incident_lockdown_then_release() {
+    use k8s_openapi::api::{core::v1::Pod, networking::v1::NetworkPolicy};
+    let Some(client) = real_cluster("real_cluster_incident_lockdown_then_release").await else {
+        return;
+    };
+    let ns = TestNamespace::create(&client).await;
+    let pods = kube::Api::<Pod>::namespaced(client.clone(), &ns.name);
+    let policies = kube::Api::<NetworkPolicy>::namespaced(client.clone(), &ns.name);
+    let make = |name: &str| -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"app": "web"}},
+            "spec": {"containers": [{"name": "app", "image": "registry.k8s.io/pause:3.10"}]},
+        }))
+        .unwrap()
+    };
+    let web = pods
+        .create(&Default::default(), &make("web-0"))
+        .await
+        .unwrap();
+    pods.create(&Default::default(), &make("web-1"))
+        .await
+        .unwrap();
+    let uid = web.metadata.uid.clone().unwrap();
+    let cgroup = format!("kubepods/burstable/pod{uid}/0123abcd");
+
+    let (_unused, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let stack = Stack::with_client(PolicyAction::Lockdown, client.clone(), handle).await;
+    let mut agent = Agent::open(stack.channel.clone()).await;
+    agent.detect_pod(1, &ns.name, "web-0", &cgroup).await;
+    let id = agent.block().await;
+    stack
+        .timeline_entry(&id, "kubernetes lockdown: NetworkPolicy")
+        .await;
+    let labels = |p: &Pod| p.metadata.labels.clone().unwrap_or_default();
+    let web0 = pods.get("web-0").await.unwrap();
+    assert_eq!(labels(&web0).get("exfilguard.io/quarantine"), Some(&id));
+    assert!(!labels(&pods.get("web-1").await.unwrap()).contains_key("exfilguard.io/quarantine"));
+    let np = policies.get("exfilguard-lockdown-web-0").await.unwrap();
+    assert_eq!(np.metadata.owner_references.unwrap()[0].uid, uid);
+
+    IncidentsClient::new(stack.channel.clone())
+        .release_incident(ReleaseIncidentRequest {
+            id: id.clone(),
+            reason: "test over".into(),
+        })
+        .await
+        .unwrap();
+    stack.timeline_entry(&id, "kubernetes release of pod").await;
+    assert!(!labels(&pods.get("web-0").await.unwrap()).contains_key("exfilguard.io/quarantine"));
+    assert!(
+        policies
+            .get_opt("exfilguard-lockdown-web-0")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}

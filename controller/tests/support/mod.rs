@@ -1,0 +1,5 @@
+//! Helpers shared by the controller's integration tests.
+#![allow(dead_code)] // each test file uses its own subset
+
+pub mod kube_mock;
+pub mod kube_real;
