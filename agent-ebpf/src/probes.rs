@@ -9,18 +9,15 @@ use aya_ebpf::{
         generated::{bpf_ktime_get_coarse_ns, bpf_map_lookup_percpu_elem, bpf_skb_load_bytes},
     },
     macros::{cgroup_skb, map},
-    maps::{
-        Array, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf,
-        lpm_trie::Key,
-    },
+    maps::{Array, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::SkBuffContext,
 };
 use aya_log_ebpf::info;
 use exfilguard_common::{
     AddrKey, BLOCK_CGROUP_BITS, BlockCidrKey, BlockValue, CapConfig, CapEvent, CapUsage,
-    DNS_MAX_PAYLOAD, DnsEvent, DnsEventHeader, EVENT_RING_BYTES, Family, FlowKey, FlowValue,
-    MAX_BLOCKED_CGROUPS, MAX_BLOCKED_CIDRS, MAX_CAPS, MAX_CPUS, MAX_FLOWS, MAX_INTERNAL_CIDRS,
-    Stat, active, direction, event_kind, proto,
+    DEFAULT_CAP_KEY, DNS_MAX_PAYLOAD, DnsEvent, DnsEventHeader, EVENT_RING_BYTES, Family, FlowKey,
+    FlowValue, MAX_BLOCKED_CGROUPS, MAX_BLOCKED_CIDRS, MAX_CAPS, MAX_CPUS, MAX_FLOWS,
+    MAX_INTERNAL_CIDRS, Stat, active, direction, event_kind, proto,
 };
 
 const ALLOW: i32 = 1;
@@ -47,8 +44,11 @@ static BLOCKED_CIDRS: LpmTrie<BlockCidrKey, u8> = LpmTrie::with_max_entries(MAX_
 #[map(name = "EG_CAP_CFG")]
 static CAP_CONFIG: HashMap<u64, CapConfig> = HashMap::with_max_entries(MAX_CAPS, 0);
 
+// LRU: with a default cap every cgroup that sends out gets a slot; when more
+// cgroups send than there are slots, the one idle longest loses its spending
+// (an active exfiltration keeps its slot) instead of new ones going uncapped.
 #[map(name = "EG_CAP_USE")]
-static CAP_USAGE: PerCpuHashMap<u64, CapUsage> = PerCpuHashMap::with_max_entries(MAX_CAPS, 0);
+static CAP_USAGE: LruPerCpuHashMap<u64, CapUsage> = LruPerCpuHashMap::with_max_entries(MAX_CAPS, 0);
 
 #[map(name = "EG_EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
@@ -291,15 +291,20 @@ fn is_blocked(active: u64, cgroup_id: u64, dst: &[u8; 16]) -> bool {
     BLOCKED_CIDRS.get(Key::new(bits, global)).is_some()
 }
 
-/// Charges `len` bytes of external egress to the cgroup's hard cap, if it has
-/// one. Returns false when the budget of the current window is spent.
+/// Charges `len` bytes of external egress to the cgroup's hard cap — its own,
+/// else the default cap — if there is one. Returns false when the budget of
+/// the current window is spent.
 ///
 /// Each CPU spends from its own per-CPU slot and sums every CPU's slot before
 /// letting a packet through; CPUs racing on the last bytes can each let one
 /// packet past the budget, never more.
 #[inline(always)]
 fn cap_allows(ctx: &SkBuffContext, cgroup_id: u64, len: u64, now: u64) -> bool {
-    let Some(cfg) = (unsafe { CAP_CONFIG.get(&cgroup_id) }) else {
+    let Some(cfg) = (unsafe {
+        CAP_CONFIG
+            .get(&cgroup_id)
+            .or_else(|| CAP_CONFIG.get(&DEFAULT_CAP_KEY))
+    }) else {
         return true;
     };
     let cfg = *cfg;

@@ -29,9 +29,13 @@ pub struct Engine {
     /// cgroup ids seen per workload id: a Block or cap for a workload covers
     /// every container cgroup of it, not only the one a detection names.
     cgroups: HashMap<String, BTreeSet<u64>>,
-    /// The hard cap last pushed to the kernel per cgroup (by policy, not by
-    /// the controller's SetCap, which `caps` never overrides).
+    /// The cgroup's own hard cap last pushed to the kernel per cgroup (by
+    /// policy, not by the controller's SetCap, which `caps` never
+    /// overrides); `None`: no own entry, the default cap applies.
     caps: BTreeMap<u64, Option<HardCap>>,
+    /// The default cap last pushed to the kernel (the policy's base cap,
+    /// for every cgroup without its own); outer `None`: not yet this run.
+    default_cap: Option<Option<HardCap>>,
     /// cgroups whose cap the controller set; policy leaves them alone.
     pinned_caps: BTreeSet<u64>,
 }
@@ -54,6 +58,7 @@ impl Engine {
             metrics,
             cgroups: HashMap::new(),
             caps: BTreeMap::new(),
+            default_cap: None,
             pinned_caps: BTreeSet::new(),
         }
     }
@@ -101,11 +106,29 @@ impl Engine {
         self.caps.remove(&cgroup_id);
     }
 
-    /// The policy's hard caps that differ from what the kernel was last told,
-    /// per seen cgroup: `Some(cap)` to set, `None` to clear. The caller
-    /// applies them and confirms each with [`Engine::cap_applied`].
+    /// The default cap the kernel should hold, if it differs from what it
+    /// was last told: the policy's base cap, which the kernel applies to
+    /// every cgroup without a cap of its own from its first packet on (no
+    /// cgroup needs to have been seen). Confirm with
+    /// [`Engine::default_cap_applied`].
+    pub fn default_cap_change(&self) -> Option<Option<HardCap>> {
+        let want = self.policy.hard_cap.clone();
+        (self.default_cap.as_ref() != Some(&want)).then_some(want)
+    }
+
+    /// Records that the kernel now holds `cap` as the default cap.
+    pub fn default_cap_applied(&mut self, cap: Option<HardCap>) {
+        self.default_cap = Some(cap);
+    }
+
+    /// The caps of their own that seen cgroups need, where they differ from
+    /// what the kernel was last told: `Some(cap)` where an override's cap
+    /// differs from the base cap, `None` (remove the own entry, the default
+    /// applies) where it does not. The caller applies them and confirms each
+    /// with [`Engine::cap_applied`].
     pub fn cap_changes(&mut self) -> Vec<(u64, Option<HardCap>)> {
         let mut out = Vec::new();
+        let base = self.policy.hard_cap.clone();
         let ids: Vec<u64> = self.cgroups.values().flatten().copied().collect();
         for cg in ids {
             if self.pinned_caps.contains(&cg) {
@@ -113,16 +136,18 @@ impl Engine {
             }
             let meta = self.resolver.resolve(cg).meta.clone();
             let want = self.policy.effective(&meta).hard_cap;
+            let own = if want == base { None } else { want };
+            // First sight: an entry left by an earlier run may be stale, so
+            // say what it should be either way.
             match self.caps.get(&cg) {
-                Some(have) if *have == want => {}
-                None if want.is_none() => {}
-                _ => out.push((cg, want)),
+                Some(have) if *have == own => {}
+                _ => out.push((cg, own)),
             }
         }
         out
     }
 
-    /// Records that the kernel now holds `cap` for `cgroup_id`.
+    /// Records that the kernel now holds `cap` as `cgroup_id`'s own cap.
     pub fn cap_applied(&mut self, cgroup_id: u64, cap: Option<HardCap>) {
         self.caps.insert(cgroup_id, cap);
     }
@@ -239,5 +264,118 @@ fn note_cgroup(cgroups: &mut HashMap<String, BTreeSet<u64>>, workload: &str, cgr
             .entry(workload.to_owned())
             .or_default()
             .insert(cgroup_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{datapath::FlowId, policy::Span};
+
+    const UID_A: &str = "0a1b2c3d-0000-4000-8000-000000000001";
+    const UID_B: &str = "0a1b2c3d-0000-4000-8000-000000000002";
+
+    /// A cgroup tree with two pods (directory inodes stand in for cgroup
+    /// ids), a Pod cache naming them (`etl` in namespace `batch`, `web` in
+    /// `shop`), and an engine under `policy`.
+    fn engine(policy: &str) -> (tempfile::TempDir, Engine, u64, u64) {
+        let root = tempfile::tempdir().unwrap();
+        let mut ids = Vec::new();
+        for uid in [UID_A, UID_B] {
+            let dir = root.path().join(format!("kubepods/pod{uid}/c0ffee"));
+            std::fs::create_dir_all(&dir).unwrap();
+            ids.push(crate::datapath::cgroup_id(&dir).unwrap());
+        }
+        let pods = crate::pods::PodCache::new();
+        for (uid, name, ns) in [(UID_A, "etl-0", "batch"), (UID_B, "web-0", "shop")] {
+            let pod = serde_json::from_value(serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": ns, "uid": uid},
+                "spec": {"containers": [{"name": "app", "image": "x"}]},
+            }))
+            .unwrap();
+            pods.apply(kube::runtime::watcher::Event::Apply(pod));
+        }
+        let mut e = Engine::new(
+            root.path(),
+            Policy::from_yaml(policy).unwrap(),
+            None,
+            Arc::new(Metrics::new()),
+        );
+        e.set_pods(pods);
+        (root, e, ids[0], ids[1])
+    }
+
+    fn traffic(e: &mut Engine, cgroup_id: u64) {
+        e.flows(&[FlowDelta {
+            id: FlowId {
+                cgroup_id,
+                remote: "192.0.2.1".parse().unwrap(),
+                port: 443,
+                proto: 6,
+            },
+            bytes: 100,
+            packets: 1,
+            last_seen_ns: 1,
+            external: true,
+        }]);
+    }
+
+    fn cap(bytes: u64, secs: u64) -> Option<HardCap> {
+        Some(HardCap {
+            bytes,
+            window: Span(Duration::from_secs(secs)),
+        })
+    }
+
+    #[test]
+    fn the_base_cap_is_the_kernel_default_before_any_traffic() {
+        let (_root, mut e, etl, web) = engine(
+            "hard_cap: {bytes: 5000000, window: 1h}\noverrides: [{namespace: batch, hard_cap: {bytes: 1000, window: 1m}}]",
+        );
+        // No cgroup seen yet: the default is all the kernel needs.
+        assert_eq!(e.default_cap_change(), Some(cap(5_000_000, 3600)));
+        assert!(e.cap_changes().is_empty());
+        e.default_cap_applied(cap(5_000_000, 3600));
+        assert_eq!(e.default_cap_change(), None);
+
+        traffic(&mut e, etl);
+        traffic(&mut e, web);
+        let mut changes = e.cap_changes();
+        changes.sort_by_key(|(cg, _)| *cg);
+        let mut want = vec![(etl, cap(1000, 60)), (web, None)];
+        want.sort_by_key(|(cg, _)| *cg);
+        // The override's own cap; the base-capped pod clears any stale own entry.
+        assert_eq!(changes, want);
+        for (cg, c) in changes {
+            e.cap_applied(cg, c);
+        }
+        assert!(
+            e.cap_changes().is_empty(),
+            "nothing changes: nothing to push"
+        );
+    }
+
+    #[test]
+    fn policy_changes_move_the_default_and_the_own_caps() {
+        let (_root, mut e, etl, _web) = engine("hard_cap: {bytes: 5000000, window: 1h}");
+        e.default_cap_applied(cap(5_000_000, 3600));
+        traffic(&mut e, etl);
+        for (cg, c) in e.cap_changes() {
+            e.cap_applied(cg, c);
+        }
+        // No cap any more: the default goes, nothing of its own to remove.
+        e.set_policy(Policy::from_yaml("{}").unwrap());
+        assert_eq!(e.default_cap_change(), Some(None));
+        assert!(e.cap_changes().is_empty());
+        // A controller's cap on a cgroup is never overridden by policy.
+        e.set_policy(
+            Policy::from_yaml("overrides: [{namespace: batch, hard_cap: {bytes: 9, window: 1s}}]")
+                .unwrap(),
+        );
+        e.cap_set_by_controller(etl);
+        assert!(e.cap_changes().is_empty());
     }
 }

@@ -416,6 +416,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut dp = Datapath::load(&config)?;
     dp.set_internal_cidrs(&internal)
         .context("setting internal CIDRs")?;
+    // The base cap holds from the first packet of every workload, before the
+    // first poll has seen any.
+    apply_policy_caps(&mut dp, &mut engine);
     let _run_time_stats = Datapath::enable_run_time_stats()
         .inspect_err(|e| tracing::warn!(error = %e, "program run-time stats unavailable"))
         .ok();
@@ -626,9 +629,23 @@ async fn recv(
     }
 }
 
-/// Pushes the policy's hard caps (base or per override) to the kernel for the
-/// cgroups seen so far; the kernel enforces them even while the agent is down.
+/// Pushes the policy's hard caps to the kernel: the base cap as the default
+/// for every cgroup (seen or not), an override's different cap to the cgroups
+/// seen so far; the kernel enforces them even while the agent is down.
 fn apply_policy_caps(dp: &mut Datapath, engine: &mut Engine) {
+    if let Some(cap) = engine.default_cap_change() {
+        let r = match &cap {
+            Some(c) => dp.set_default_cap(c.bytes, c.window.0),
+            None => dp.clear_default_cap().map(|_| ()),
+        };
+        match r {
+            Ok(()) => {
+                tracing::info!(cap = ?cap.as_ref().map(|c| (c.bytes, c.window.0)), "policy default hard cap in the kernel");
+                engine.default_cap_applied(cap);
+            }
+            Err(e) => tracing::error!(error = %e, "could not set the policy's default hard cap"),
+        }
+    }
     for (cg, cap) in engine.cap_changes() {
         let r = match &cap {
             Some(c) => dp.set_cap(cg, c.bytes, c.window.0),

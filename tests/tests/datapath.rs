@@ -567,6 +567,70 @@ fn hard_cap_lets_through_at_most_the_budget_then_drops_and_reports() {
 }
 
 #[test]
+fn default_cap_holds_every_cgroup_from_its_first_packet() {
+    if !kernel_test_guard(TOOLS) {
+        return;
+    }
+    let lab = Lab::new();
+    let parent = TestCgroup::new();
+    let mut dp = attach(&parent, None);
+    let dst = SocketAddr::new(lab.peer_addr(Family::V4), 9650);
+    let sink = UdpSink::start(lab.peer(), dst);
+    let per_dgram = traffic::expected_udp_bytes(Family::V4, 1, 500);
+    let budget = 5_000;
+    let fits = budget / per_dgram;
+    dp.set_default_cap(budget, Duration::from_secs(600))
+        .unwrap();
+    // Made after the cap was set, never named to the datapath: capped anyway,
+    // each with a budget of its own.
+    let send_until_refused = |cg: &TestCgroup| {
+        let mut sent = 0;
+        for _ in 0..40 {
+            match traffic::try_send_udp(lab.client(), cg, dst, 1, 500) {
+                Ok(_) => sent += 1,
+                Err(e) => {
+                    assert_eq!(e.errno(), Some(libc::EPERM), "{e:?}");
+                    break;
+                }
+            }
+        }
+        sent
+    };
+    let fresh = TestCgroup::under(parent.path());
+    let other = TestCgroup::under(parent.path());
+    assert_eq!(
+        send_until_refused(&fresh),
+        fits,
+        "the default cap holds a new cgroup"
+    );
+    assert_eq!(
+        send_until_refused(&other),
+        fits,
+        "each cgroup spends its own budget"
+    );
+    assert_eq!(
+        sink.collect(2 * fits, Duration::from_secs(5)).units,
+        2 * fits
+    );
+    let status = dp
+        .cap_status(fresh.id())
+        .unwrap()
+        .expect("the default applies");
+    assert_eq!(status.budget_bytes, budget);
+    assert_eq!(status.spent_bytes, fits * per_dgram);
+
+    // A cap of its own wins over the default (here a larger one).
+    dp.set_cap(other.id(), 10 * budget, Duration::from_secs(600))
+        .unwrap();
+    traffic::send_udp(lab.client(), &other, dst, fits + 2, 500);
+    // Without a default, new cgroups are uncapped again.
+    assert!(dp.clear_default_cap().unwrap());
+    assert_eq!(dp.cap_status(fresh.id()).unwrap(), None);
+    traffic::send_udp(lab.client(), &fresh, dst, fits + 2, 500);
+    assert!(!dp.clear_default_cap().unwrap(), "second clear is a no-op");
+}
+
+#[test]
 fn counters_blocks_and_caps_survive_an_agent_restart() {
     if !kernel_test_guard(TOOLS) {
         return;

@@ -163,8 +163,13 @@ pub struct BlockValue {
 }
 const _: () = assert!(size_of::<BlockValue>() == 8);
 
+/// The `EG_CAP_CFG` key of the default cap: the setting of every cgroup
+/// without an entry of its own (no cgroup has id 0), so a workload is capped
+/// from its first packet, before user space has ever seen it.
+pub const DEFAULT_CAP_KEY: u64 = 0;
+
 /// Hard-cap setting of one cgroup: at most `budget_bytes` of external egress
-/// per `window_ns`.
+/// per `window_ns`. A `window_ns` of 0 means uncapped.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CapConfig {

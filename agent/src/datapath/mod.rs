@@ -27,8 +27,8 @@ use aya::{
     },
 };
 use exfilguard_common::{
-    AddrKey, BlockCidrKey, BlockValue, CapConfig, CapUsage, FlowKey, FlowValue, Stat, active,
-    map_names, program_names,
+    AddrKey, BlockCidrKey, BlockValue, CapConfig, CapUsage, DEFAULT_CAP_KEY, FlowKey, FlowValue,
+    Stat, active, map_names, program_names,
 };
 
 use crate::{
@@ -315,6 +315,9 @@ impl Datapath {
                 .map(|(name, _, _)| (*name, dir.join(name)))
                 .collect();
             for ((name, key, value), (_, path)) in PINNED_MAPS.iter().zip(&pin_paths) {
+                if *name == map_names::CAP_USAGE {
+                    replace_old_cap_usage(path)?;
+                }
                 reused_pins |= check_pin(path, *key, *value)?;
                 loader.map_pin_path(name, path.as_path());
             }
@@ -614,6 +617,22 @@ impl Datapath {
         self.refresh_active()
     }
 
+    /// Sets the default cap: every cgroup without a cap of its own may send
+    /// at most `budget_bytes` of external egress per `window`, each cgroup
+    /// spending its own budget, from its first packet on.
+    pub fn set_default_cap(
+        &mut self,
+        budget_bytes: u64,
+        window: Duration,
+    ) -> Result<(), DatapathError> {
+        self.set_cap(DEFAULT_CAP_KEY, budget_bytes, window)
+    }
+
+    /// Removes the default cap; true if there was one.
+    pub fn clear_default_cap(&mut self) -> Result<bool, DatapathError> {
+        self.clear_cap(DEFAULT_CAP_KEY)
+    }
+
     /// Removes a hard cap; true if there was one.
     pub fn clear_cap(&mut self, cgroup_id: u64) -> Result<bool, DatapathError> {
         let existed = match self.cap_config.remove(&cgroup_id) {
@@ -630,12 +649,22 @@ impl Datapath {
         Ok(existed)
     }
 
-    /// A cgroup's cap and its spending in the current window.
+    /// A cgroup's cap (its own, else the default) and its spending in the
+    /// current window.
     pub fn cap_status(&self, cgroup_id: u64) -> Result<Option<CapStatus>, DatapathError> {
-        let config = match self.cap_config.get(&cgroup_id, 0) {
-            Ok(c) => c,
-            Err(e) if not_found(&e) => return Ok(None),
-            Err(e) => return Err(DatapathError::map("read", map_names::CAP_CONFIG)(e)),
+        let mut config = None;
+        for key in [cgroup_id, DEFAULT_CAP_KEY] {
+            match self.cap_config.get(&key, 0) {
+                Ok(c) => {
+                    config = Some(c);
+                    break;
+                }
+                Err(e) if not_found(&e) => {}
+                Err(e) => return Err(DatapathError::map("read", map_names::CAP_CONFIG)(e)),
+            }
+        }
+        let Some(config) = config.filter(|c| c.window_ns > 0) else {
+            return Ok(None);
         };
         let window = clock::kernel_now_ns().saturating_sub(config.epoch_ns) / config.window_ns;
         let mut status = CapStatus {
@@ -818,6 +847,26 @@ fn check_pin(path: &Path, key: usize, value: usize) -> Result<bool, DatapathErro
         });
     }
     Ok(true)
+}
+
+/// Agents before the default cap pinned the cap spending map as a plain
+/// per-CPU hash; it is now an LRU one (a slot for every sending cgroup).
+/// Spending is only the current window's, so an old pin is dropped and the
+/// map made anew rather than refusing to start.
+fn replace_old_cap_usage(path: &Path) -> Result<(), DatapathError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let info = aya::maps::MapInfo::from_pin(path).map_err(|source| DatapathError::Map {
+        op: "inspect pin",
+        map: map_names::CAP_USAGE,
+        source,
+    })?;
+    if !matches!(info.map_type(), Ok(aya::maps::MapType::LruPerCpuHash)) {
+        tracing::warn!(path = %path.display(), "replacing the pinned cap spending map of an older agent; spending restarts in this window");
+        std::fs::remove_file(path).map_err(DatapathError::io("unpin", path))?;
+    }
+    Ok(())
 }
 
 fn flow_id(key: &FlowKey) -> FlowId {
