@@ -40,6 +40,12 @@ const BENCHMARKS: &[Benchmark] = &[
         run: controller,
     },
     Benchmark {
+        name: "lockdown",
+        about: "detection received → Block on the agent's stream and → NetworkPolicy apply \
+            request at kube's mock API server, 300 incidents (controller/examples/lockdown_bench.rs)",
+        run: lockdown,
+    },
+    Benchmark {
         name: "contain",
         about: "the demo's lab: 10 bulk uploads across 100 MB (detection, containment p50/p95, \
             bytes past the threshold) and the hard cap's overshoot",
@@ -110,6 +116,25 @@ fn controller(env: &BuildEnv) -> anyhow::Result<Vec<Measure>> {
             .arg("--json")
             .arg(&out),
     )?;
+    read_measures(&out)
+}
+
+/// Runs the controller's response benchmark (controller/examples/lockdown_bench.rs).
+fn lockdown(env: &BuildEnv) -> anyhow::Result<Vec<Measure>> {
+    let out = Path::new(RESULTS_DIR).join("lockdown.json");
+    let mut cmd = env.cargo([
+        "run",
+        "--release",
+        "--quiet",
+        "--package",
+        "exfilguard-controller",
+        "--example",
+        "lockdown_bench",
+        "--",
+        "--json",
+    ]);
+    cmd.arg(&out);
+    process::run(&mut cmd)?;
     read_measures(&out)
 }
 
