@@ -35,7 +35,7 @@ pub struct TlsFiles {
 }
 
 /// Everything the server needs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServerConfig {
     /// TLS files; `None` only with `--insecure`.
     pub tls: Option<TlsFiles>,
@@ -52,6 +52,29 @@ pub struct ServerConfig {
     /// Settings from the config file: alert sinks (none: transitions are
     /// recorded in the outbox, not sent) and the reports' time zone.
     pub file: FileConfig,
+    /// The API server, when running with Kubernetes (`None` standalone):
+    /// each new incident's pod, owner chain and Events are captured into its
+    /// evidence.
+    pub kube: Option<kube::Client>,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // kube::Client is not Debug; say only whether there is one.
+        f.debug_struct("ServerConfig")
+            .field("tls", &self.tls)
+            .field("db", &self.db)
+            .field("limits", &self.limits)
+            .field(
+                "max_streams_per_connection",
+                &self.max_streams_per_connection,
+            )
+            .field("policy", &self.policy)
+            .field("agent_policy", &self.agent_policy)
+            .field("file", &self.file)
+            .field("kube", &self.kube.is_some())
+            .finish()
+    }
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>> {
@@ -110,6 +133,15 @@ pub async fn serve(
         tracing::info!(path = %path.display(), version = update.version, "agent policy loaded");
         hub.set_policy(update);
         spawn_policy_reload(path.clone(), hub.clone());
+    }
+    if let Some(client) = &config.kube {
+        // Subscribed before ingest starts, so no opened incident is missed.
+        crate::evidence::capture::Capturer::new(
+            store.clone(),
+            client.clone(),
+            crate::evidence::capture::Retry::default(),
+        )
+        .spawn(hub.subscribe());
     }
     let ingestor = Ingestor::start(store.clone(), hub.clone(), config.policy, 16 * 1024)?;
     // Picks up what a previous run left pending, then follows the hub.

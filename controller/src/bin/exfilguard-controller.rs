@@ -201,6 +201,8 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
         },
         agent_policy: args.agent_policy,
         file,
+        // The `--kubernetes auto|on|off` flag that builds this is the lead's.
+        kube: None,
     };
     server::serve(config, listener, shutdown_signal())
         .await

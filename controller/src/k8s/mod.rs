@@ -7,6 +7,7 @@
 
 pub mod containment;
 pub mod crd;
+pub mod evidence;
 mod names;
 
 pub use containment::{
