@@ -490,6 +490,7 @@ fn child_process() {
                 policy: ResponsePolicy::default(),
                 agent_policy: None,
                 file: Default::default(),
+                kube: None,
             };
             server::serve(config, listener, std::future::pending()).await.expect("serve");
         }),
