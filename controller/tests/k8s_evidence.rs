@@ -550,3 +550,146 @@ async fn real_cluster_captures_a_pod_and_notices_it_gone() {
     assert_eq!(items.len(), 1);
     assert_eq!(items[0].kind, "pod_gone");
 }
+
+/// The server wired with a Kubernetes client: the agent's detection is
+/// acknowledged while the API server has not answered yet (capture is off the
+/// ingest path), then the capture's GET arrives and its outcome is exported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_captures_after_the_ack_and_never_delays_it() {
+    use exfilguard_controller::{
+        gateway::GatewayLimits,
+        server::{self, ServerConfig},
+    };
+    use exfilguard_proto::v1::{
+        AgentMessage, ExportEvidenceRequest, Hello, agent_gateway_client::AgentGatewayClient,
+        agent_message, controller_message, incidents_client::IncidentsClient,
+    };
+    use tokio_stream::wrappers::ReceiverStream;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = ServerConfig {
+        tls: None,
+        db: dir.path().join("c.db"),
+        limits: GatewayLimits::default(),
+        max_streams_per_connection: 64,
+        policy: ResponsePolicy::default(),
+        agent_policy: None,
+        file: Default::default(),
+        kube: Some(Client::new(svc, "default")),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(server::serve(config, listener, async {
+        let _ = stopped.await;
+    }));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, out) = tokio::sync::mpsc::channel(8);
+    for (seq, payload) in [
+        (
+            0,
+            agent_message::Payload::Hello(Hello {
+                node_name: "node-a".into(),
+                agent_version: "test".into(),
+                ..Default::default()
+            }),
+        ),
+        (
+            1,
+            agent_message::Payload::Detection(Detection {
+                detection_id: "d1".into(),
+                kind: exfilguard_proto::v1::DetectionKind::Volume as i32,
+                severity: Severity::High as i32,
+                workload: Some(Workload {
+                    namespace: NS.into(),
+                    pod: POD.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        ),
+    ] {
+        tx.send(AgentMessage {
+            seq,
+            sent_at_unix_ms: 1,
+            payload: Some(payload),
+        })
+        .await
+        .unwrap();
+    }
+    let mut rx = AgentGatewayClient::new(channel.clone())
+        .connect(ReceiverStream::new(out))
+        .await
+        .unwrap()
+        .into_inner();
+    // The Ack comes while the mock API server holds back every answer.
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), rx.message())
+            .await
+            .expect("Ack without waiting for the API server")
+            .unwrap()
+            .expect("stream open");
+        if let Some(controller_message::Payload::Ack(a)) = msg.payload
+            && a.seq == 1
+        {
+            break;
+        }
+    }
+    let mut handle = pin!(handle);
+    let (req, send) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
+        .await
+        .expect("the capture's GET")
+        .unwrap();
+    assert_eq!(
+        (req.method(), req.uri().path()),
+        (&Method::GET, pod_path().as_str())
+    );
+    let mut res = Response::new(Body::from(failure(404, "NotFound").into_bytes()));
+    *res.status_mut() = StatusCode::NOT_FOUND;
+    send.send_response(res);
+
+    let mut api = IncidentsClient::new(channel);
+    let id = api
+        .list_incidents(exfilguard_proto::v1::ListIncidentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .incidents[0]
+        .id
+        .clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut stream = api
+            .export_evidence(ExportEvidenceRequest {
+                incident_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut kinds = Vec::new();
+        while let Some(item) = stream.message().await.unwrap() {
+            kinds.push(item.kind);
+        }
+        if kinds.iter().any(|k| k == "pod_gone") {
+            assert_eq!(kinds, ["detection", "workload", "flows", "pod_gone"]);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no pod item: {kinds:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(tx);
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("server stops")
+        .unwrap()
+        .unwrap();
+}
