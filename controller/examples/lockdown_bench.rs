@@ -53,8 +53,12 @@ fn pod_name(i: usize) -> String {
 fn answer(req: &Request<Body>) -> serde_json::Value {
     let path = req.uri().path();
     let pod = path.rsplit('/').next().unwrap_or("web-0");
-    match req.method() {
-        &Method::POST => json!({"apiVersion": "events.k8s.io/v1", "kind": "Event",
+    match *req.method() {
+        // The evidence capture's list of the pod's Events.
+        Method::GET if path.ends_with("/events") => {
+            json!({"apiVersion": "v1", "kind": "EventList", "metadata": {}, "items": []})
+        }
+        Method::POST => json!({"apiVersion": "events.k8s.io/v1", "kind": "Event",
             "metadata": {"name": "e", "namespace": "shop"}, "eventTime": "2026-11-23T11:15:00.000000Z"}),
         _ if path.contains("/networkpolicies/") => json!({
             "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",

@@ -5,11 +5,11 @@
 use std::{pin::Pin, sync::Arc};
 
 use exfilguard_proto::v1::{
-    AcknowledgeIncidentRequest, GetIncidentRequest, GetReportRequest, Incident, IncidentEvent,
-    IncidentState, ListIncidentsRequest, ListIncidentsResponse, ListNodesRequest,
-    ListNodesResponse, ReleaseIncidentRequest, Report, ReportFormat, ReportTemplate,
-    ThrottleIncidentRequest, TopTalkersRequest, TopTalkersResponse, WatchIncidentsRequest,
-    incidents_server,
+    AcknowledgeIncidentRequest, EvidenceItem, ExportEvidenceRequest, GetIncidentRequest,
+    GetReportRequest, Incident, IncidentEvent, IncidentState, ListIncidentsRequest,
+    ListIncidentsResponse, ListNodesRequest, ListNodesResponse, ReleaseIncidentRequest, Report,
+    ReportFormat, ReportTemplate, ThrottleIncidentRequest, TopTalkersRequest, TopTalkersResponse,
+    WatchIncidentsRequest, incidents_server,
 };
 use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::Stream;
@@ -90,7 +90,14 @@ fn required_reason(what: &str, reason: &str) -> Result<String> {
 }
 
 fn check_id(id: &str) -> Result<String> {
-    if id.is_empty() || id.len() > MAX_ID {
+    if id.len() > MAX_ID {
+        // Not echoed: a huge id would make a huge status (a header).
+        return Err(Error::InvalidArgument(format!(
+            "an incident id has at most {MAX_ID} bytes; this one has {}",
+            id.len()
+        )));
+    }
+    if id.is_empty() {
         return Err(Error::InvalidArgument(format!(
             "{id:?} is not an incident id"
         )));
@@ -107,6 +114,7 @@ fn actor(caller: &Option<Identity>) -> String {
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<IncidentEvent, Status>> + Send>>;
+type EvidenceStream = Pin<Box<dyn Stream<Item = Result<EvidenceItem, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl incidents_server::Incidents for IncidentsApi {
@@ -347,6 +355,23 @@ impl incidents_server::Incidents for IncidentsApi {
             .blocking(move |s| s.top_talkers(since, limit, namespace.as_deref()))
             .await?;
         Ok(Response::new(TopTalkersResponse { talkers }))
+    }
+
+    type ExportEvidenceStream = EvidenceStream;
+
+    async fn export_evidence(
+        &self,
+        request: Request<ExportEvidenceRequest>,
+    ) -> Result<Response<EvidenceStream>, Status> {
+        auth::require(self.mode, &request, READERS)?;
+        let id = check_id(&request.get_ref().incident_id)?;
+        // Read in one go (one consistent snapshot of an append-only list; each
+        // item is bounded), then streamed one message per item so no message
+        // nears the size limit however many items there are.
+        let items = self.blocking(move |s| s.evidence(&id)).await?;
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            items.into_iter().map(Ok),
+        ))))
     }
 
     async fn list_nodes(

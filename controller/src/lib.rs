@@ -17,6 +17,7 @@ pub mod certs;
 pub mod client;
 pub mod config;
 pub mod correlate;
+pub mod evidence;
 pub mod gateway;
 pub mod hub;
 pub mod ingest;

@@ -57,7 +57,8 @@ pub struct ServerConfig {
     pub file: FileConfig,
     /// The Kubernetes API (`None`: standalone, where containment is the
     /// agent's in-kernel Block alone). With it, a lockdown also quarantines
-    /// the pod: label, NetworkPolicy, Event.
+    /// the pod (label, NetworkPolicy, Event), and each new incident's pod,
+    /// owner chain and Events are captured into its evidence.
     pub kube: Option<kube::Client>,
     /// What a cluster lockdown still lets the pod reach (DNS, CIDRs).
     pub lockdown: LockdownOptions,
@@ -65,15 +66,21 @@ pub struct ServerConfig {
 
 impl std::fmt::Debug for ServerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // kube::Client is not Debug; say only whether there is one.
         f.debug_struct("ServerConfig")
             .field("tls", &self.tls)
             .field("db", &self.db)
             .field("limits", &self.limits)
+            .field(
+                "max_streams_per_connection",
+                &self.max_streams_per_connection,
+            )
             .field("policy", &self.policy)
             .field("agent_policy", &self.agent_policy)
-            .field("kubernetes", &self.kube.is_some())
+            .field("file", &self.file)
+            .field("kube", &self.kube.is_some())
             .field("lockdown", &self.lockdown)
-            .finish_non_exhaustive()
+            .finish()
     }
 }
 
@@ -164,6 +171,15 @@ pub async fn serve(
         // API server being slow does not hold up the agents.
         tokio::spawn(async move { responder.reconcile_contained().await });
         tracing::info!(protected = ?policy.protected_namespaces, "kubernetes containment on");
+    }
+    if let Some(client) = &config.kube {
+        // Subscribed before ingest starts, so no opened incident is missed.
+        crate::evidence::capture::Capturer::new(
+            store.clone(),
+            client.clone(),
+            crate::evidence::capture::Retry::default(),
+        )
+        .spawn(hub.subscribe());
     }
     let ingestor = Ingestor::start(store.clone(), hub.clone(), policy, 16 * 1024)?;
     // Picks up what a previous run left pending, then follows the hub.

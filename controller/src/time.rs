@@ -46,6 +46,19 @@ pub fn rfc3339(ms: u64) -> String {
     format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
 }
 
+/// RFC 3339 UTC rendering with milliseconds (`2026-11-22T14:03:12.345Z`),
+/// for evidence capture times; empty for 0.
+pub fn rfc3339_ms(ms: u64) -> String {
+    if ms == 0 {
+        return String::new();
+    }
+    let (y, mo, d, h, mi, s) = civil(ms);
+    format!(
+        "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{:03}Z",
+        ms % 1000
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,5 +71,6 @@ mod tests {
         assert_eq!(rfc3339(1_795_356_192_000), "2026-11-22T14:03:12Z");
         // Leap day.
         assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339_ms(1_795_356_192_045), "2026-11-22T14:03:12.045Z");
     }
 }

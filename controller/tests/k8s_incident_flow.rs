@@ -25,7 +25,7 @@ use exfilguard_proto::v1::{
 use kube::{Client, client::Body};
 use serde_json::{Value, json};
 use support::{
-    kube_mock::{Expect, Handle, answer, expect, no_request, ok},
+    kube_mock::{Expect, Handle, answer_unordered, expect, no_request_but, ok},
     kube_real::{TestNamespace, real_cluster},
 };
 use tokio::sync::{mpsc, oneshot};
@@ -259,6 +259,24 @@ fn event(ns: &str, reason: &'static str, incident: String) -> Expect {
             "metadata": {"name": "x", "namespace": ns}, "eventTime": "2026-11-23T11:15:00.000000Z"})))
 }
 
+/// The evidence capture's list of the pod's Events (its other request, the
+/// pod read, is the same as the lockdown's and is in the scripts).
+fn capture(req: &Request<Body>) -> Option<(StatusCode, Value)> {
+    (req.method() == Method::GET && req.uri().path().ends_with("/events"))
+        .then(|| ok(json!({"apiVersion": "v1", "kind": "EventList", "metadata": {}, "items": []})))
+}
+
+/// `capture`, and the capture's read of the pod too (where the test does
+/// not expect one of its own).
+fn capture_and_pod(ns: &'static str) -> impl Fn(&Request<Body>) -> Option<(StatusCode, Value)> {
+    move |req| {
+        capture(req).or_else(|| {
+            (req.method() == Method::GET && req.uri().path() == pod_path(ns))
+                .then(|| ok(pod(ns, json!({"app": "checkout"}), "41")))
+        })
+    }
+}
+
 fn lockdown_script(ns: &str, incident: &str) -> Vec<Expect> {
     let (i1, i2, i3) = (
         incident.to_owned(),
@@ -266,6 +284,8 @@ fn lockdown_script(ns: &str, incident: &str) -> Vec<Expect> {
         incident.to_owned(),
     );
     vec![
+        expect(Method::GET, &pod_path(ns)).reply(ok(pod(ns, json!({"app": "checkout"}), "41"))),
+        // The evidence capture reads the pod too.
         expect(Method::GET, &pod_path(ns)).reply(ok(pod(ns, json!({"app": "checkout"}), "41"))),
         expect(Method::PATCH, &policy_path(ns))
             .query(&[("fieldManager", FIELD_MANAGER), ("force", "true")])
@@ -302,7 +322,7 @@ async fn lockdown_reaches_agent_and_api_and_release_undoes_both() {
     let mut agent = Agent::open(stack.channel.clone()).await;
     agent.detect(1, "shop").await;
     let id = agent.block().await;
-    answer(&mut stack.api, lockdown_script("shop", &id)).await;
+    answer_unordered(&mut stack.api, lockdown_script("shop", &id), &capture).await;
     let entry = stack.timeline_entry(&id, "kubernetes lockdown").await;
     assert_eq!(
         entry,
@@ -313,7 +333,7 @@ async fn lockdown_reaches_agent_and_api_and_release_undoes_both() {
     );
     // A second detection of the same episode contains nothing again.
     agent.detect(2, "shop").await;
-    no_request(&mut stack.api, Duration::from_millis(500)).await;
+    no_request_but(&mut stack.api, Duration::from_millis(500), &capture).await;
 
     IncidentsClient::new(stack.channel.clone())
         .release_incident(ReleaseIncidentRequest {
@@ -327,7 +347,7 @@ async fn lockdown_reaches_agent_and_api_and_release_undoes_both() {
         other => panic!("expected an Unblock, got {other:?}"),
     }
     let labelled = json!({"app": "checkout", "exfilguard.io/quarantine": id});
-    answer(
+    answer_unordered(
         &mut stack.api,
         vec![
             expect(Method::GET, &pod_path("shop")).reply(ok(pod("shop", labelled, "50"))),
@@ -360,6 +380,7 @@ async fn lockdown_reaches_agent_and_api_and_release_undoes_both() {
                 )),
             event("shop", "ExfilguardRelease", id.clone()),
         ],
+        &capture,
     )
     .await;
     let entry = stack.timeline_entry(&id, "kubernetes release").await;
@@ -369,25 +390,44 @@ async fn lockdown_reaches_agent_and_api_and_release_undoes_both() {
             "kubernetes release of pod shop/{POD}: quarantine label removed, NetworkPolicy deleted"
         )
     );
-    no_request(&mut stack.api, Duration::from_millis(300)).await;
+    no_request_but(&mut stack.api, Duration::from_millis(300), &capture).await;
 }
 
 #[tokio::test]
 async fn api_outage_is_retried_then_recorded() {
     let mut stack = Stack::start(PolicyAction::Lockdown).await;
+    let channel = stack.channel.clone();
     let mut agent = Agent::open(stack.channel.clone()).await;
     agent.detect(1, "shop").await;
     let id = agent.block().await;
-    let down = || {
-        expect(Method::GET, &pod_path("shop")).reply(support::kube_mock::status(
-            503,
-            "ServiceUnavailable",
-            "etcd is down",
-        ))
+    // Every read fails (the evidence capture's too); the lockdown tries four
+    // times (0.5 + 1 + 2 s apart), then the timeline says so; the in-kernel
+    // Block was sent regardless.
+    let down = |req: &Request<Body>| {
+        (req.method() == Method::GET)
+            .then(|| support::kube_mock::status(503, "ServiceUnavailable", "etcd is down"))
     };
-    // Four attempts (0.5 + 1 + 2 s apart), then the timeline says so; the
-    // in-kernel Block was sent regardless.
-    answer(&mut stack.api, vec![down(), down(), down(), down()]).await;
+    {
+        let api = &mut stack.api;
+        let serving = async { no_request_but(api, Duration::from_secs(15), &down).await };
+        tokio::pin!(serving);
+        tokio::select! {
+            _ = &mut serving => panic!("no timeline entry within 15 s"),
+            _ = async {
+                loop {
+                    let incident = IncidentsClient::new(channel.clone())
+                        .get_incident(GetIncidentRequest { id: id.clone() })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    if incident.timeline.iter().any(|e| e.cause.contains("failed after")) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            } => {}
+        }
+    }
     let entry = stack.timeline_entry(&id, "failed after").await;
     assert!(
         entry.starts_with(&format!(
@@ -398,7 +438,6 @@ async fn api_outage_is_retried_then_recorded() {
             )),
         "{entry}"
     );
-    no_request(&mut stack.api, Duration::from_millis(300)).await;
 }
 
 #[tokio::test]
@@ -428,7 +467,12 @@ async fn dry_run_records_the_plan_and_writes_nothing() {
         )
     );
     assert_eq!(stack.incident(&id).await.state, 1, "stays open");
-    no_request(&mut stack.api, Duration::from_millis(500)).await;
+    no_request_but(
+        &mut stack.api,
+        Duration::from_millis(500),
+        &capture_and_pod("shop"),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -454,7 +498,12 @@ async fn protected_namespace_is_left_alone_and_says_so() {
         )
         .await;
     assert_eq!(stack.incident(&id).await.state, 1, "stays open");
-    no_request(&mut stack.api, Duration::from_millis(500)).await;
+    no_request_but(
+        &mut stack.api,
+        Duration::from_millis(500),
+        &capture_and_pod("kube-system"),
+    )
+    .await;
 }
 
 /// The same flow against a real API server when `KUBECONFIG` is set: the

@@ -8,6 +8,7 @@
 
 pub mod containment;
 pub mod crd;
+pub mod evidence;
 mod names;
 pub mod respond;
 

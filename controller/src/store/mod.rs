@@ -8,11 +8,11 @@
 pub mod sqlite;
 
 use exfilguard_proto::v1::{
-    Block, Detection, FlowReport, Incident, IncidentEventKind, IncidentState, Node, SetCap, Talker,
-    Unblock, Workload,
+    Block, Detection, EvidenceItem, FlowReport, Incident, IncidentEventKind, IncidentState, Node,
+    SetCap, Talker, Unblock, Workload,
 };
 
-use crate::{Result, alerts::Alert, correlate::ResponsePolicy};
+use crate::{Result, alerts::Alert, correlate::ResponsePolicy, evidence::NewEvidence};
 
 /// What an agent said about itself in Hello.
 #[derive(Debug, Clone, Default)]
@@ -299,6 +299,13 @@ pub trait Store: Outbox + Send + Sync {
         reason: &str,
         now_ms: u64,
     ) -> Result<(Incident, Vec<Effect>)>;
+    /// Appends an item to the incident's evidence, bounded and hashed as
+    /// [`crate::evidence::bound`] says; items are never changed or removed
+    /// afterwards. NOT_FOUND for an unknown incident.
+    fn add_evidence(&self, id: &str, item: &NewEvidence) -> Result<EvidenceItem>;
+    /// Every evidence item of the incident, its detection records included,
+    /// oldest capture first. NOT_FOUND for an unknown incident.
+    fn evidence(&self, id: &str) -> Result<Vec<EvidenceItem>>;
     /// Appends a timeline entry without changing state (e.g. "Block applied by agent").
     fn note(&self, id: &str, actor: &str, cause: &str, now_ms: u64) -> Result<()>;
     /// Blocks that should be in force on `node` (contained incidents), to

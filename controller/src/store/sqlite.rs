@@ -7,13 +7,14 @@
 //! queries from the security team never wait behind a commit's fsync (WAL
 //! readers see the last committed state).
 
+mod evidence;
 mod outbox;
 
 use std::{path::Path, sync::Mutex};
 
 use exfilguard_proto::v1::{
-    Block, Detection, EvidenceRecord, FlowReport, Incident, IncidentEventKind, IncidentState, Node,
-    PolicyAction, SetCap, Severity, Talker, TimelineEntry, Unblock, Workload,
+    Block, Detection, EvidenceItem, EvidenceRecord, FlowReport, Incident, IncidentEventKind,
+    IncidentState, Node, PolicyAction, SetCap, Severity, Talker, TimelineEntry, Unblock, Workload,
 };
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
@@ -27,6 +28,7 @@ use crate::{
     Error, Result,
     alerts::Transition,
     correlate::{ResponsePolicy, is_active, new_incident_id, workload_key},
+    evidence::NewEvidence,
     json,
 };
 
@@ -106,6 +108,8 @@ const MIGRATIONS: &[&str] = &[
     r#"
     CREATE INDEX detections_episode ON detections(node, detection_id);
     "#,
+    // 4: evidence items per incident, append-only.
+    evidence::MIGRATION,
 ];
 
 /// The SQLite store.
@@ -553,6 +557,11 @@ impl SqliteStore {
                     &format!("opened: {cause}"),
                     IncidentState::Open as i32,
                 )?;
+                // The opening detection's facts as items of their own (the
+                // full record of every detection is kept below as well).
+                for item in crate::evidence::from_detection(&msg.node, d, now) {
+                    evidence::insert(tx, &id, &item)?;
+                }
                 (id, IncidentEventKind::Opened, IncidentState::Open as i32)
             }
         };
@@ -934,6 +943,21 @@ impl Store for SqliteStore {
             },
         ];
         Ok((incident, effects))
+    }
+
+    fn add_evidence(&self, id: &str, item: &NewEvidence) -> Result<EvidenceItem> {
+        let mut conn = self.writer()?;
+        let tx = conn.transaction().map_err(Error::store("begin"))?;
+        load_incident(&tx, id)?.ok_or_else(|| not_found(id))?;
+        let stored = evidence::insert(&tx, id, item)?;
+        tx.commit().map_err(Error::store("commit"))?;
+        Ok(stored)
+    }
+
+    fn evidence(&self, id: &str) -> Result<Vec<EvidenceItem>> {
+        let conn = self.reader()?;
+        load_incident(&conn, id)?.ok_or_else(|| not_found(id))?;
+        evidence::load(&conn, id)
     }
 
     fn note(&self, id: &str, actor: &str, cause: &str, now_ms: u64) -> Result<()> {
@@ -1492,6 +1516,126 @@ mod tests {
         );
         // GetIncident still has all of it.
         assert_eq!(store.get_incident(&incident.id).unwrap().timeline.len(), 20);
+    }
+
+    #[test]
+    fn evidence_items_keep_their_hashes_across_a_restart_and_cannot_be_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let big = vec![b'{'; crate::evidence::MAX_ITEM_BYTES + 1000];
+        let (id, pod_item) = {
+            let store = SqliteStore::open(&path).unwrap();
+            hello(&store, "n1");
+            store
+                .ingest(
+                    &[detection("n1", 1, "db-0", Severity::High, 7)],
+                    &ResponsePolicy::default(),
+                )
+                .unwrap();
+            let id = store
+                .list_incidents(&IncidentFilter {
+                    limit: 1,
+                    ..Default::default()
+                })
+                .unwrap()
+                .incidents[0]
+                .id
+                .clone();
+            let pod_item = store
+                .add_evidence(
+                    &id,
+                    &NewEvidence {
+                        kind: "pod".into(),
+                        media_type: "application/json".into(),
+                        source: "kubernetes-api GET /api/v1/namespaces/shop/pods/db-0".into(),
+                        captured_ms: 1_795_356_193_000,
+                        content: br#"{"kind":"Pod"}"#.to_vec(),
+                    },
+                )
+                .unwrap();
+            store
+                .add_evidence(
+                    &id,
+                    &NewEvidence {
+                        kind: "pod_events".into(),
+                        media_type: "application/json".into(),
+                        source: "test".into(),
+                        captured_ms: 1_795_356_194_000,
+                        content: big.clone(),
+                    },
+                )
+                .unwrap();
+            // Unknown incident: NOT_FOUND, nothing stored.
+            assert!(matches!(
+                store.add_evidence(
+                    "EXFIL-nope",
+                    &NewEvidence {
+                        kind: "pod".into(),
+                        media_type: "x".into(),
+                        source: "x".into(),
+                        captured_ms: 1,
+                        content: vec![],
+                    }
+                ),
+                Err(Error::NotFound { .. })
+            ));
+            assert!(matches!(
+                store.evidence("EXFIL-nope"),
+                Err(Error::NotFound { .. })
+            ));
+            (id, pod_item)
+        };
+        let store = SqliteStore::open(&path).unwrap();
+        let items = store.evidence(&id).unwrap();
+        let kinds: Vec<&str> = items.iter().map(|i| i.kind.as_str()).collect();
+        // Opening detection's items (same capture time: record first), then the pod's.
+        assert_eq!(
+            kinds,
+            [
+                "detection",
+                "workload",
+                "flows",
+                "dns_samples",
+                "pod",
+                "pod_events"
+            ]
+        );
+        for item in &items {
+            assert_eq!(
+                item.sha256,
+                crate::evidence::sha256_hex(&item.content),
+                "{}",
+                item.kind
+            );
+            assert_eq!(item.size, item.content.len() as u64);
+        }
+        assert_eq!(items[0].item_id, "detection/n1/1");
+        assert_eq!(items[0].source, "agent:n1");
+        // The detection record is the same bytes GetIncident shows.
+        let record = &store.get_incident(&id).unwrap().evidence[0];
+        assert_eq!(items[0].content, record.json.as_bytes());
+        assert_eq!(items[0].sha256, record.sha256);
+        assert_eq!(items[4], pod_item);
+        let truncated = &items[5];
+        assert_eq!(truncated.size as usize, crate::evidence::MAX_ITEM_BYTES);
+        assert_eq!(truncated.original_size as usize, big.len());
+        assert_eq!(truncated.original_sha256, crate::evidence::sha256_hex(&big));
+        assert!(
+            truncated.note.starts_with("truncated:"),
+            "{}",
+            truncated.note
+        );
+        // Append-only, even for someone with a SQL prompt on the live schema.
+        let conn = Connection::open(&path).unwrap();
+        for sql in [
+            "UPDATE evidence SET content = x'00'",
+            "DELETE FROM evidence",
+            "UPDATE detections SET json = '{}'",
+            "DELETE FROM detections",
+        ] {
+            let err = conn.execute(sql, []).unwrap_err();
+            assert!(err.to_string().contains("append-only"), "{sql}: {err}");
+        }
     }
 
     #[test]

@@ -199,6 +199,21 @@ pub enum IncidentsCommand {
         #[arg(long)]
         reason: String,
     },
+    /// Export the incident's evidence: one file per item (the stored bytes,
+    /// exact) and manifest.json with each item's kind, capture time, source,
+    /// size and SHA-256; every file's hash is checked after writing.
+    ///
+    /// Example: exfilctl incidents evidence EXFIL-… --out ./EXFIL-…-evidence
+    Evidence {
+        /// Incident id.
+        id: String,
+        /// Directory to write into (created if missing; must be empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// Write into a non-empty directory (files of the same name are replaced).
+        #[arg(long)]
+        force: bool,
+    },
     /// Render the incident report.
     Report {
         /// Incident id.

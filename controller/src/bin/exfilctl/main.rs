@@ -5,6 +5,7 @@
 //! `~/.config/exfilguard/exfilctl.yaml` when it exists).
 
 mod args;
+mod evidence;
 mod output;
 
 use std::{io::Write, path::PathBuf, process::ExitCode, time::Duration};
@@ -85,7 +86,7 @@ fn parse_duration(s: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs(secs))
 }
 
-fn status_err(s: tonic::Status) -> anyhow::Error {
+pub(crate) fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow!(client::explain_status(&s))
 }
 
@@ -100,6 +101,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     let config = client_config(&cli)?;
+    let endpoint = config.endpoint.clone();
     let channel: Channel = client::connect(&config).await.map_err(|e| anyhow!("{e}"))?;
     let mut api = IncidentsClient::new(channel).max_decoding_message_size(64 << 20);
     let out = cli.output;
@@ -208,6 +210,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .map_err(status_err)?
                     .into_inner();
                 output::incident(&mut stdout, out, &incident)?;
+            }
+            IncidentsCommand::Evidence { id, out, force } => {
+                let done = evidence::export(&mut api, &endpoint, &id, &out, force).await?;
+                writeln!(
+                    stdout,
+                    "exported {} evidence item(s) of {id} to {}, every SHA-256 verified\nmanifest.json sha256 {}",
+                    done.items,
+                    done.dir.display(),
+                    done.manifest_sha256
+                )?;
             }
             IncidentsCommand::Report {
                 id,
