@@ -176,6 +176,8 @@ impl NodePolicyFile {
             egress_proxy_cidrs: self.egress_proxy_cidrs.clone(),
             hard_cap_bytes: cap_bytes,
             hard_cap_window_seconds: cap_window,
+            // ExfilPolicy objects add these (k8s::policy_reconciler).
+            overrides: Vec::new(),
         })
     }
 }

@@ -4,7 +4,7 @@
 use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
 
 use exfilguard_proto::v1::{
-    agent_gateway_server::AgentGatewayServer, incidents_server::IncidentsServer,
+    PolicyUpdate, agent_gateway_server::AgentGatewayServer, incidents_server::IncidentsServer,
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -35,7 +35,7 @@ pub struct TlsFiles {
 }
 
 /// Everything the server needs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServerConfig {
     /// TLS files; `None` only with `--insecure`.
     pub tls: Option<TlsFiles>,
@@ -49,6 +49,9 @@ pub struct ServerConfig {
     pub policy: ResponsePolicy,
     /// Detector policy pushed to every agent (`--agent-policy`), re-read on SIGHUP.
     pub agent_policy: Option<PathBuf>,
+    /// Kubernetes API client (`--kubernetes`); with one, ExfilPolicy objects
+    /// are reconciled into the agent policy on top of `agent_policy`.
+    pub kube: Option<kube::Client>,
     /// Settings from the config file: alert sinks (none: transitions are
     /// recorded in the outbox, not sent) and the reports' time zone.
     pub file: FileConfig,
@@ -61,9 +64,9 @@ fn read(path: &PathBuf) -> Result<Vec<u8>> {
     })
 }
 
-/// Re-reads the agent policy on SIGHUP and pushes it; a bad file is
-/// refused and the policy in force stays.
-fn spawn_policy_reload(path: PathBuf, hub: Arc<Hub>) {
+/// Re-reads the agent policy on SIGHUP and hands it to `apply`; a bad file
+/// is refused and the policy in force stays.
+fn spawn_policy_reload(path: PathBuf, apply: impl Fn(PolicyUpdate) + Send + 'static) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
@@ -76,9 +79,8 @@ fn spawn_policy_reload(path: PathBuf, hub: Arc<Hub>) {
         while hup.recv().await.is_some() {
             match crate::node_policy::load(&path) {
                 Ok(update) => {
-                    let version = update.version;
-                    let sent = hub.set_policy(update);
-                    tracing::info!(version, agents = sent, "agent policy reloaded and pushed");
+                    tracing::info!(version = update.version, "agent policy reloaded");
+                    apply(update);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "agent policy rejected; the previous one stays in force");
@@ -86,6 +88,47 @@ fn spawn_policy_reload(path: PathBuf, hub: Arc<Hub>) {
             }
         }
     });
+}
+
+/// Puts the agent policy in force: the file alone, or, with a Kubernetes
+/// client, the file as the default under the ExfilPolicy objects (the
+/// reconciler pushes; agents that connect before its first list get the
+/// file's policy).
+fn start_agent_policy(config: &ServerConfig, hub: &Arc<Hub>) -> Result<()> {
+    let default = match &config.agent_policy {
+        Some(path) => {
+            let update = crate::node_policy::load(path)?;
+            tracing::info!(path = %path.display(), version = update.version, "agent policy loaded");
+            hub.set_policy(update.clone());
+            Some(update)
+        }
+        None => None,
+    };
+    match &config.kube {
+        Some(client) => {
+            let (tx, rx) = tokio::sync::watch::channel(default);
+            if let Some(path) = &config.agent_policy {
+                spawn_policy_reload(path.clone(), move |u| {
+                    tx.send_replace(Some(u));
+                });
+            }
+            // Without a file the sender is dropped here: the reconciler keeps
+            // reading the (absent) default.
+            crate::k8s::policy_reconciler::spawn(client.clone(), hub.clone(), rx);
+            tracing::info!("ExfilPolicy reconciler started");
+        }
+        None => {
+            if let Some(path) = &config.agent_policy {
+                let hub = hub.clone();
+                spawn_policy_reload(path.clone(), move |u| {
+                    let version = u.version;
+                    let agents = hub.set_policy(u);
+                    tracing::info!(version, agents, "agent policy pushed");
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Serves until `shutdown` resolves.
@@ -105,12 +148,7 @@ pub async fn serve(
         .map_err(|e| Error::Unavailable(format!("store task: {e}")))?
         .map(Arc::new)?;
     let hub = Hub::new(1024);
-    if let Some(path) = &config.agent_policy {
-        let update = crate::node_policy::load(path)?;
-        tracing::info!(path = %path.display(), version = update.version, "agent policy loaded");
-        hub.set_policy(update);
-        spawn_policy_reload(path.clone(), hub.clone());
-    }
+    start_agent_policy(&config, &hub)?;
     let ingestor = Ingestor::start(store.clone(), hub.clone(), config.policy, 16 * 1024)?;
     // Picks up what a previous run left pending, then follows the hub.
     let dispatcher = Dispatcher::start(store.clone(), &config.file.alerts, Some(&hub))

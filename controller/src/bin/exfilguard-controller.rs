@@ -200,6 +200,8 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
             low: PolicyAction::Alert,
         },
         agent_policy: args.agent_policy,
+        // Filled from `--kubernetes auto|on|off` (being added on main).
+        kube: None,
         file,
     };
     server::serve(config, listener, shutdown_signal())

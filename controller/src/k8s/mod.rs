@@ -1,5 +1,6 @@
 //! Kubernetes side of the controller: containment of one pod
-//! ([`containment`]) and the custom resources ([`crd`]).
+//! ([`containment`]), the custom resources ([`crd`]) and the `ExfilPolicy`
+//! reconciler that turns them into the agents' policy ([`policy_reconciler`]).
 //!
 //! Everything here talks to the API server through a [`kube::Client`], so the
 //! tests drive it with kube's `tower-test` mock (exact requests) and, when
@@ -8,6 +9,7 @@
 pub mod containment;
 pub mod crd;
 mod names;
+pub mod policy_reconciler;
 
 pub use containment::{
     Containment, ContainmentConfig, DnsEndpoint, LockdownOptions, LockdownOutcome, PlannedAction,
