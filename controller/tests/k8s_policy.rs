@@ -414,6 +414,9 @@ async fn an_exfilpolicy_event_reaches_a_connected_agent_over_grpc_within_2s() {
     assert_eq!(first.volume_threshold_bytes, 100_000_000);
     assert!(first.overrides.is_empty());
 
+    // Past the reconciler's first debounce (after its list), so the
+    // measurement includes a whole one.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     // The event: an ExfilPolicy is created.
     let t0 = Instant::now();
     api.watch_events
