@@ -250,7 +250,7 @@ async fn listed_objects_get_exact_status_writes_and_valid_ones_reach_agents() {
     };
     hub.set_policy(default.clone());
     assert_eq!(next_policy(&mut rx).await.version, 1);
-    let (_tx, default_rx) = watch::channel(Some(default.clone()));
+    let (default_tx, default_rx) = watch::channel(Some(default.clone()));
     let task = tokio::spawn(policy_reconciler::run(
         Client::new(svc, "default"),
         hub.clone(),
@@ -324,6 +324,19 @@ async fn listed_objects_get_exact_status_writes_and_valid_ones_reach_agents() {
     api.no_more_writes();
     assert!(rx.try_recv().is_err(), "pushed without a change");
     assert!(*api.watches.lock().unwrap() >= 1);
+
+    // The cluster default changes (SIGHUP re-read the file): pushed with the
+    // overrides still on top, no status written.
+    default_tx.send_replace(Some(PolicyUpdate {
+        volume_threshold_bytes: 50_000_000,
+        ..default.clone()
+    }));
+    let pushed3 = next_policy(&mut rx).await;
+    assert!(pushed3.version > pushed2.version);
+    assert_eq!(pushed3.volume_threshold_bytes, 50_000_000);
+    assert_eq!(pushed3.overrides, pushed2.overrides);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    api.no_more_writes();
     task.abort();
 }
 

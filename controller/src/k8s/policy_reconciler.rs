@@ -366,12 +366,12 @@ fn publish(hub: &Hub, last: &mut Option<PolicyUpdate>, mut update: PolicyUpdate)
 /// write failed (worth another try).
 async fn write_statuses(
     client: &Client,
-    objects: &BTreeMap<Key, ExfilPolicy>,
+    objects: &mut BTreeMap<Key, ExfilPolicy>,
     statuses: &BTreeMap<Key, ExfilPolicyStatus>,
 ) -> bool {
     let mut all_ok = true;
     for (key, want) in statuses {
-        let Some(obj) = objects.get(key) else {
+        let Some(obj) = objects.get_mut(key) else {
             continue;
         };
         if obj.status.as_ref().is_some_and(|s| same_status(s, want)) {
@@ -383,10 +383,15 @@ async fn write_statuses(
             .patch_status(&key.1, &params, &Patch::Apply(status_patch(want)))
             .await
         {
-            Ok(_) => tracing::info!(
-                namespace = %key.0, name = %key.1, valid = ?want.valid,
-                errors = want.errors.len(), "ExfilPolicy status written"
-            ),
+            Ok(_) => {
+                // Known now, before the watch echoes it: no second write
+                // when something else changes first.
+                obj.status = Some(want.clone());
+                tracing::info!(
+                    namespace = %key.0, name = %key.1, valid = ?want.valid,
+                    errors = want.errors.len(), "ExfilPolicy status written"
+                );
+            }
             // Gone since: its deletion is on its way.
             Err(kube::Error::Api(s)) if s.code == 404 => {}
             Err(e) => {
@@ -482,7 +487,7 @@ pub async fn run(
         let current_default = default.borrow().clone();
         let outcome = reconcile(current_default.as_ref(), &list, Timestamp::now());
         publish(&hub, &mut last, outcome.update);
-        if !write_statuses(&client, &objects, &outcome.statuses).await {
+        if !write_statuses(&client, &mut objects, &outcome.statuses).await {
             retry = Some(tokio::time::Instant::now() + STATUS_RETRY);
         }
     }
