@@ -79,6 +79,12 @@ struct Api {
 }
 
 fn mock_api(handle: Handle, items: Vec<Value>) -> Api {
+    mock_api_failing(handle, items, 0)
+}
+
+/// [`mock_api`] whose first `fail_writes` status writes get a 500 (recorded
+/// all the same).
+fn mock_api_failing(handle: Handle, items: Vec<Value>, mut fail_writes: usize) -> Api {
     let (wtx, writes) = mpsc::unbounded_channel();
     let (watch_events, mut scripted) = mpsc::unbounded_channel::<Vec<Value>>();
     let watches = Arc::new(Mutex::new(0));
@@ -111,9 +117,16 @@ fn mock_api(handle: Handle, items: Vec<Value>) -> Api {
                             let body: Value = serde_json::from_slice(&bytes).expect("status write is JSON");
                             let segs: Vec<&str> = p.split('/').collect();
                             // /apis/exfilguard.io/v1alpha1/namespaces/NS/exfilpolicies/NAME/status
-                            let mut obj = policy_json(segs[5], segs[7], 1, json!({}));
-                            obj["status"] = body["status"].clone();
-                            respond(tx, StatusCode::OK, serde_json::to_vec(&obj).unwrap());
+                            if fail_writes > 0 {
+                                fail_writes -= 1;
+                                let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                                    "status": "Failure", "message": "etcd is sad", "reason": "InternalError", "code": 500});
+                                respond(tx, StatusCode::INTERNAL_SERVER_ERROR, serde_json::to_vec(&status).unwrap());
+                            } else {
+                                let mut obj = policy_json(segs[5], segs[7], 1, json!({}));
+                                obj["status"] = body["status"].clone();
+                                respond(tx, StatusCode::OK, serde_json::to_vec(&obj).unwrap());
+                            }
                             let _ = wtx.send(Write { path: p.to_owned(), query, content_type, body });
                         }
                         (m, p) => panic!("unexpected request {m} {p}?{query:?}"),
@@ -353,6 +366,43 @@ async fn next_update(
             return u;
         }
     }
+}
+
+#[tokio::test]
+async fn a_failed_status_write_is_retried() {
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let mut api = mock_api_failing(handle, vec![policy_json("shop", "etl", 1, etl_spec())], 1);
+    let hub = Hub::new(8);
+    let (_reg, mut rx) = hub.register("node-a").unwrap();
+    let (_tx, default_rx) = watch::channel(None);
+    let task = tokio::spawn(policy_reconciler::run(
+        Client::new(svc, "default"),
+        hub.clone(),
+        default_rx,
+        Duration::from_millis(20),
+    ));
+    // The policy does not wait for the status.
+    assert_eq!(next_policy(&mut rx).await.overrides, vec![etl_override()]);
+    let first = check_write(&api.next_write().await, "shop", "etl");
+    let t0 = Instant::now();
+    let again = tokio::time::timeout(Duration::from_secs(10), api.writes.recv())
+        .await
+        .expect("the write is retried")
+        .unwrap();
+    assert!(
+        t0.elapsed() >= Duration::from_secs(4),
+        "retried after {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        without_time(check_write(&again, "shop", "etl")),
+        without_time(first)
+    );
+    // Written: no third try, and the policy was not pushed again.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    api.no_more_writes();
+    assert!(rx.try_recv().is_err());
+    task.abort();
 }
 
 fn insecure_hello(node: &str) -> AgentMessage {
