@@ -93,8 +93,11 @@ fn spawn_policy_reload(path: PathBuf, apply: impl Fn(PolicyUpdate) + Send + 'sta
 /// Puts the agent policy in force: the file alone, or, with a Kubernetes
 /// client, the file as the default under the ExfilPolicy objects (the
 /// reconciler pushes; agents that connect before its first list get the
-/// file's policy).
-fn start_agent_policy(config: &ServerConfig, hub: &Arc<Hub>) -> Result<()> {
+/// file's policy). Returns the reconciler's task, if one runs.
+fn start_agent_policy(
+    config: &ServerConfig,
+    hub: &Arc<Hub>,
+) -> Result<Option<tokio::task::JoinHandle<()>>> {
     let default = match &config.agent_policy {
         Some(path) => {
             let update = crate::node_policy::load(path)?;
@@ -114,8 +117,12 @@ fn start_agent_policy(config: &ServerConfig, hub: &Arc<Hub>) -> Result<()> {
             }
             // Without a file the sender is dropped here: the reconciler keeps
             // reading the (absent) default.
-            crate::k8s::policy_reconciler::spawn(client.clone(), hub.clone(), rx);
             tracing::info!("ExfilPolicy reconciler started");
+            Ok(Some(crate::k8s::policy_reconciler::spawn(
+                client.clone(),
+                hub.clone(),
+                rx,
+            )))
         }
         None => {
             if let Some(path) = &config.agent_policy {
@@ -126,9 +133,20 @@ fn start_agent_policy(config: &ServerConfig, hub: &Arc<Hub>) -> Result<()> {
                     tracing::info!(version, agents, "agent policy pushed");
                 });
             }
+            Ok(None)
         }
     }
-    Ok(())
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            t.abort();
+        }
+    }
 }
 
 /// Serves until `shutdown` resolves.
@@ -148,7 +166,8 @@ pub async fn serve(
         .map_err(|e| Error::Unavailable(format!("store task: {e}")))?
         .map(Arc::new)?;
     let hub = Hub::new(1024);
-    start_agent_policy(&config, &hub)?;
+    // Stops with the server, however `serve` returns.
+    let _reconciler = AbortOnDrop(start_agent_policy(&config, &hub)?);
     let ingestor = Ingestor::start(store.clone(), hub.clone(), config.policy, 16 * 1024)?;
     // Picks up what a previous run left pending, then follows the hub.
     let dispatcher = Dispatcher::start(store.clone(), &config.file.alerts, Some(&hub))
