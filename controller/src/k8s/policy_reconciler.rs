@@ -75,21 +75,6 @@ fn err(field: impl Into<String>, problem: impl Into<String>) -> FieldError {
     }
 }
 
-/// `500ms`, `30s`, `10m`, `1h`, `1d` in milliseconds; `None` if malformed.
-fn duration_ms(s: &str) -> Option<u64> {
-    let split = s.find(|c: char| !c.is_ascii_digit())?;
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n.parse().ok()?;
-    n.checked_mul(match unit {
-        "ms" => 1,
-        "s" => 1000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => return None,
-    })
-}
-
 /// Fields the agents cannot apply to the workloads of one policy yet.
 fn unsupported(spec: &ExfilPolicySpec, out: &mut Vec<FieldError>) {
     const WHY: &str = "cannot be set per pod selector yet; set it in the cluster default (--agent-policy) or the node's policy file";
@@ -185,9 +170,9 @@ pub fn to_override(
     }
     let mut cap = (0, 0);
     if let Some(h) = &spec.hard_cap
-        && let Some(ms) = duration_ms(&h.window)
+        && let Ok(window) = exfilguard_policy::parse_duration(&h.window)
     {
-        match u32::try_from(ms / 1000) {
+        match u32::try_from(window.as_secs()) {
             Ok(0) => errors.push(err("hard_cap.window", "must be at least 1s")),
             Ok(s) => cap = (h.bytes, s),
             Err(_) => errors.push(err("hard_cap.window", "is too long")),
