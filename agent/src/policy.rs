@@ -62,31 +62,8 @@ impl From<Span> for String {
     }
 }
 
-/// Parses `500ms`, `30s`, `10m`, `1h`, `1d`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("{s:?} has no unit (use ms, s, m, h or d)"))?;
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} does not start with a whole number"))?;
-    let ms = match unit {
-        "ms" => Some(n),
-        "s" => n.checked_mul(1000),
-        "m" => n.checked_mul(60_000),
-        "h" => n.checked_mul(3_600_000),
-        "d" => n.checked_mul(86_400_000),
-        _ => {
-            return Err(format!(
-                "{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
-            ));
-        }
-    };
-    ms.map(Duration::from_millis)
-        .ok_or_else(|| format!("{s:?} is too long"))
-}
+/// Parses `500ms`, `30s`, `10m`, `1h`, `1d` (the syntax every policy shares).
+pub use exfilguard_policy::parse_duration;
 
 /// Volume thresholds.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -260,19 +237,7 @@ fn invalid(field: impl Into<String>, problem: impl Into<String>) -> PolicyError 
 }
 
 fn check_domain(field: &str, d: &str) -> Result<(), PolicyError> {
-    let ok = !d.is_empty()
-        && d.len() <= 253
-        && d.trim_end_matches('.').split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(invalid(field, format!("{d:?} is not a domain name")))
-    }
+    exfilguard_policy::check_domain(d).map_err(|problem| invalid(field, problem))
 }
 
 impl Policy {

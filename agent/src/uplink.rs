@@ -22,7 +22,7 @@ use crate::{
     detect::{Detection, Phase, Rule},
     engine::Engine,
     flows::FlowDelta,
-    policy::{Action, HardCap, Policy, Span},
+    policy::{Action, Allowlist, HardCap, Override, OverrideSettings, Policy, Span},
 };
 
 /// At most this many destinations per workload in a FlowReport (the
@@ -431,9 +431,65 @@ fn parse_cidrs(field: &str, items: &[String]) -> Result<Vec<IpNet>, CommandError
         .collect()
 }
 
+/// The policy action a proto value names; `None` for UNSPECIFIED (keep).
+fn policy_action(field: &str, v: i32) -> Result<Option<Action>, CommandError> {
+    match PolicyAction::try_from(v) {
+        Ok(PolicyAction::Alert) => Ok(Some(Action::Alert)),
+        Ok(PolicyAction::Lockdown) => Ok(Some(Action::Lockdown)),
+        Ok(PolicyAction::DryRun) => Ok(Some(Action::DryRun)),
+        Ok(PolicyAction::Unspecified) => Ok(None),
+        Err(_) => Err(CommandError::Invalid(format!("{field}: unknown value {v}"))),
+    }
+}
+
+/// One controller override as the policy file would write it. Zero / empty
+/// fields keep the underlying value; the whole policy is validated after.
+fn policy_override(i: usize, o: &pb::PolicyOverride) -> Result<Override, CommandError> {
+    let f = format!("overrides[{i}] ({})", o.source);
+    if o.namespace.is_empty() && o.match_labels.is_empty() {
+        return Err(CommandError::Invalid(format!(
+            "{f}: needs a namespace or labels to match (it would apply to every workload)"
+        )));
+    }
+    if o.hard_cap_bytes > 0 && o.hard_cap_window_seconds == 0 {
+        return Err(CommandError::Invalid(format!(
+            "{f}.hard_cap_window_seconds: must be set with hard_cap_bytes"
+        )));
+    }
+    let nonzero = |v: u64| (v > 0).then_some(v);
+    let allowlist = if o.allow_cidrs.is_empty() && o.allow_domains.is_empty() {
+        None
+    } else {
+        Some(Allowlist {
+            cidrs: parse_cidrs(&format!("{f}.allow_cidrs"), &o.allow_cidrs)?,
+            domains: o.allow_domains.clone(),
+        })
+    };
+    Ok(Override {
+        namespace: (!o.namespace.is_empty()).then(|| o.namespace.clone()),
+        labels: o
+            .match_labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        settings: OverrideSettings {
+            action: policy_action(&format!("{f}.action"), o.action)?,
+            threshold_bytes: nonzero(o.volume_threshold_bytes),
+            per_destination_bytes: nonzero(o.per_destination_bytes),
+            dns_encoded_bytes: nonzero(o.dns_encoded_bytes),
+            hard_cap: (o.hard_cap_bytes > 0).then(|| HardCap {
+                bytes: o.hard_cap_bytes,
+                window: Span(Duration::from_secs(o.hard_cap_window_seconds.into())),
+            }),
+            allowlist,
+        },
+    })
+}
+
 /// The node's policy with the controller's fields laid over it: thresholds,
-/// window and action replace the node's, allowlists are added to it. The
-/// result is validated like a file; a bad update changes nothing.
+/// window and action replace the node's, allowlists are added to it, and
+/// the update's overrides go before the file's. The result is validated like
+/// a file; a bad update changes nothing.
 pub fn merge_policy(base: &Policy, u: &pb::PolicyUpdate) -> Result<Policy, CommandError> {
     let mut p = base.clone();
     if u.volume_threshold_bytes > 0 {
@@ -442,17 +498,8 @@ pub fn merge_policy(base: &Policy, u: &pb::PolicyUpdate) -> Result<Policy, Comma
     if u.volume_window_seconds > 0 {
         p.volume.window = Span(Duration::from_secs(u.volume_window_seconds.into()));
     }
-    match PolicyAction::try_from(u.action) {
-        Ok(PolicyAction::Alert) => p.action = Action::Alert,
-        Ok(PolicyAction::Lockdown) => p.action = Action::Lockdown,
-        Ok(PolicyAction::DryRun) => p.action = Action::DryRun,
-        Ok(PolicyAction::Unspecified) => {}
-        Err(_) => {
-            return Err(CommandError::Invalid(format!(
-                "action: unknown value {}",
-                u.action
-            )));
-        }
+    if let Some(a) = policy_action("action", u.action)? {
+        p.action = a;
     }
     p.allowlist
         .cidrs
@@ -464,6 +511,17 @@ pub fn merge_policy(base: &Policy, u: &pb::PolicyUpdate) -> Result<Policy, Comma
             window: Span(Duration::from_secs(u.hard_cap_window_seconds.max(1).into())),
         });
     }
+    // The controller's overrides (one per ExfilPolicy, most specific first)
+    // go before the file's: first match wins, and the cluster's word is the
+    // newer one.
+    let mut overrides = u
+        .overrides
+        .iter()
+        .enumerate()
+        .map(|(i, o)| policy_override(i, o))
+        .collect::<Result<Vec<_>, _>>()?;
+    overrides.append(&mut p.overrides);
+    p.overrides = overrides;
     p.validate()
         .map_err(|e| CommandError::Invalid(format!("policy update: {e}")))?;
     Ok(p)
@@ -637,5 +695,147 @@ mod tests {
         assert!(merge_policy(&base, &bad).is_err());
         let bad = pb::PolicyUpdate { action: 42, ..u };
         assert!(merge_policy(&base, &bad).is_err());
+    }
+
+    fn meta(ns: &str, labels: &[(&str, &str)]) -> crate::policy::WorkloadMeta {
+        crate::policy::WorkloadMeta {
+            namespace: Some(ns.into()),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
+        }
+    }
+
+    fn etl_override() -> pb::PolicyOverride {
+        pb::PolicyOverride {
+            source: "shop/etl".into(),
+            namespace: "shop".into(),
+            match_labels: [("app".to_string(), "etl".to_string())].into(),
+            action: PolicyAction::Lockdown as i32,
+            volume_threshold_bytes: 7_000_000,
+            per_destination_bytes: 0,
+            dns_encoded_bytes: 900,
+            allow_cidrs: vec!["198.51.100.0/24".into()],
+            allow_domains: vec!["backup.example".into()],
+            hard_cap_bytes: 1 << 30,
+            hard_cap_window_seconds: 3600,
+        }
+    }
+
+    #[test]
+    fn controller_overrides_map_onto_the_policy_before_the_files() {
+        let base = Policy::from_yaml(
+            "overrides: [{namespace: shop, threshold_bytes: 1000}, {labels: {app: etl}, threshold_bytes: 2000}]",
+        )
+        .unwrap();
+        let u = pb::PolicyUpdate {
+            version: 3,
+            overrides: vec![
+                etl_override(),
+                pb::PolicyOverride {
+                    source: "shop/all".into(),
+                    namespace: "shop".into(),
+                    action: PolicyAction::DryRun as i32,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let p = merge_policy(&base, &u).unwrap();
+        assert_eq!(p.overrides.len(), 4);
+        let o = &p.overrides[0];
+        assert_eq!(o.namespace.as_deref(), Some("shop"));
+        assert_eq!(o.labels.get("app").map(String::as_str), Some("etl"));
+        assert_eq!(o.settings.action, Some(Action::Lockdown));
+        assert_eq!(o.settings.threshold_bytes, Some(7_000_000));
+        assert_eq!(o.settings.per_destination_bytes, None, "0 keeps");
+        assert_eq!(o.settings.dns_encoded_bytes, Some(900));
+        let cap = o.settings.hard_cap.as_ref().unwrap();
+        assert_eq!(
+            (cap.bytes, cap.window.0),
+            (1 << 30, Duration::from_secs(3600))
+        );
+        let a = o.settings.allowlist.as_ref().unwrap();
+        assert_eq!(a.cidrs, vec!["198.51.100.0/24".parse::<IpNet>().unwrap()]);
+        assert_eq!(a.domains, vec!["backup.example".to_string()]);
+        // The file's overrides follow, in their order.
+        assert_eq!(p.overrides[2], base.overrides[0]);
+        assert_eq!(p.overrides[3], base.overrides[1]);
+
+        // Resolution: the ExfilPolicy for app=etl, then the namespace-wide
+        // one, then the file's overrides, then the base.
+        let e = p.effective(&meta("shop", &[("app", "etl")]));
+        assert_eq!((e.action, e.threshold_bytes), (Action::Lockdown, 7_000_000));
+        let e = p.effective(&meta("shop", &[("app", "web")]));
+        assert_eq!(
+            (e.action, e.threshold_bytes),
+            (Action::DryRun, base.volume.threshold_bytes)
+        );
+        let e = p.effective(&meta("batch", &[("app", "etl")]));
+        assert_eq!((e.action, e.threshold_bytes), (Action::Alert, 2000));
+        let e = p.effective(&meta("batch", &[]));
+        assert_eq!(e.threshold_bytes, base.volume.threshold_bytes);
+    }
+
+    #[test]
+    fn bad_overrides_reject_the_whole_update() {
+        let base = Policy::default();
+        let with = |o: pb::PolicyOverride| pb::PolicyUpdate {
+            version: 4,
+            volume_threshold_bytes: 5,
+            overrides: vec![o],
+            ..Default::default()
+        };
+        for (o, want) in [
+            (
+                pb::PolicyOverride {
+                    action: 42,
+                    ..etl_override()
+                },
+                "overrides[0] (shop/etl).action: unknown value 42",
+            ),
+            (
+                pb::PolicyOverride {
+                    allow_cidrs: vec!["10.0.0.0/40".into()],
+                    ..etl_override()
+                },
+                "overrides[0] (shop/etl).allow_cidrs[0]",
+            ),
+            (
+                pb::PolicyOverride {
+                    allow_cidrs: vec!["0.0.0.0/0".into()],
+                    ..etl_override()
+                },
+                "overrides[0].allowlist.cidrs[0]",
+            ),
+            (
+                pb::PolicyOverride {
+                    allow_domains: vec!["not a domain".into()],
+                    ..etl_override()
+                },
+                "overrides[0].allowlist.domains[0]",
+            ),
+            (
+                pb::PolicyOverride {
+                    hard_cap_window_seconds: 0,
+                    ..etl_override()
+                },
+                "hard_cap_window_seconds: must be set",
+            ),
+            (
+                pb::PolicyOverride {
+                    namespace: String::new(),
+                    match_labels: Default::default(),
+                    ..etl_override()
+                },
+                "needs a namespace or labels",
+            ),
+        ] {
+            match merge_policy(&base, &with(o)) {
+                Err(CommandError::Invalid(m)) => assert!(m.contains(want), "{want:?} not in {m:?}"),
+                other => panic!("{want:?}: {other:?}"),
+            }
+        }
     }
 }

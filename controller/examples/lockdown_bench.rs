@@ -20,7 +20,7 @@ use clap::Parser;
 use exfilguard_controller::{
     correlate::ResponsePolicy,
     gateway::GatewayLimits,
-    server::{self, ServerConfig},
+    server::{self, KubeDuties, ServerConfig},
 };
 use exfilguard_proto::v1::{
     AgentMessage, Detection, DetectionKind, Evidence, Hello, Severity, Workload,
@@ -133,6 +133,10 @@ async fn main() -> anyhow::Result<()> {
         file: Default::default(),
         kube: Some(Client::new(svc, "default")),
         lockdown: Default::default(),
+        duties: KubeDuties {
+            exfilpolicies: false,
+            ..Default::default()
+        },
     };
     tokio::spawn(server::serve(config, listener, std::future::pending()));
 

@@ -5,7 +5,7 @@
 //! The agent lays it over its own policy file: thresholds, window, action and
 //! hard cap replace the node's; allowlists are added to the node's.
 
-use std::{net::IpAddr, path::Path, time::Duration};
+use std::{path::Path, time::Duration};
 
 use exfilguard_proto::v1::{PolicyAction, PolicyUpdate};
 use serde::Deserialize;
@@ -48,44 +48,15 @@ fn invalid(field: &str, problem: impl std::fmt::Display) -> Error {
     Error::InvalidArgument(format!("agent policy: {field}: {problem}"))
 }
 
-/// Parses `30s`, `10m`, `1h`, `500ms`.
+/// Parses `30s`, `10m`, `1h`, `500ms`, `1d`.
 fn duration(field: &str, s: &str) -> Result<Duration> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| invalid(field, format!("{s:?} needs a unit (ms, s, m, h)")))?;
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| invalid(field, format!("{s:?} is not a duration")))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => return Err(invalid(field, format!("unknown unit in {s:?}"))),
-    };
-    Ok(d)
+    exfilguard_policy::parse_duration(s).map_err(|problem| invalid(field, problem))
 }
 
 fn cidrs(field: &str, items: &[String]) -> Result<()> {
     for (i, c) in items.iter().enumerate() {
-        let (addr, len) = c
-            .split_once('/')
-            .ok_or_else(|| invalid(&format!("{field}[{i}]"), format!("{c:?} is not a CIDR")))?;
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| invalid(&format!("{field}[{i}]"), format!("{c:?} is not a CIDR")))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        match len.parse::<u8>() {
-            Ok(l) if l <= max => {}
-            _ => {
-                return Err(invalid(
-                    &format!("{field}[{i}]"),
-                    format!("{c:?} has a bad prefix length"),
-                ));
-            }
-        }
+        exfilguard_policy::parse_cidr(c)
+            .map_err(|problem| invalid(&format!("{field}[{i}]"), problem))?;
     }
     Ok(())
 }
@@ -133,20 +104,8 @@ impl NodePolicyFile {
         cidrs("allow_cidrs", &self.allow_cidrs)?;
         cidrs("egress_proxy_cidrs", &self.egress_proxy_cidrs)?;
         for (i, d) in self.allow_domains.iter().enumerate() {
-            let ok = !d.is_empty()
-                && d.len() <= 253
-                && d.trim_end_matches('.').split('.').all(|l| {
-                    !l.is_empty()
-                        && l.len() <= 63
-                        && l.bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-                });
-            if !ok {
-                return Err(invalid(
-                    &format!("allow_domains[{i}]"),
-                    format!("{d:?} is not a domain name"),
-                ));
-            }
+            exfilguard_policy::check_domain(d)
+                .map_err(|problem| invalid(&format!("allow_domains[{i}]"), problem))?;
         }
         let (cap_bytes, cap_window) = match &self.hard_cap {
             Some(c) => {
@@ -176,6 +135,8 @@ impl NodePolicyFile {
             egress_proxy_cidrs: self.egress_proxy_cidrs.clone(),
             hard_cap_bytes: cap_bytes,
             hard_cap_window_seconds: cap_window,
+            // ExfilPolicy objects add these (k8s::policy_reconciler).
+            overrides: Vec::new(),
         })
     }
 }

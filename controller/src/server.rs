@@ -4,7 +4,7 @@
 use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
 
 use exfilguard_proto::v1::{
-    agent_gateway_server::AgentGatewayServer, incidents_server::IncidentsServer,
+    PolicyUpdate, agent_gateway_server::AgentGatewayServer, incidents_server::IncidentsServer,
 };
 use tokio::net::TcpListener;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
@@ -58,10 +58,36 @@ pub struct ServerConfig {
     /// The Kubernetes API (`None`: standalone, where containment is the
     /// agent's in-kernel Block alone). With it, a lockdown also quarantines
     /// the pod (label, NetworkPolicy, Event), and each new incident's pod,
-    /// owner chain and Events are captured into its evidence.
+    /// owner chain and Events are captured into its evidence, and
+    /// ExfilPolicy objects are reconciled into the agent policy on top of
+    /// `agent_policy`.
     pub kube: Option<kube::Client>,
     /// What a cluster lockdown still lets the pod reach (DNS, CIDRs).
     pub lockdown: LockdownOptions,
+    /// Which of the Kubernetes duties this controller takes on.
+    pub duties: KubeDuties,
+}
+
+/// The controller's Kubernetes duties, each on by default; switching one
+/// off leaves the others (and the agents' in-kernel response) as they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KubeDuties {
+    /// Quarantine pods: label, NetworkPolicy, Event.
+    pub containment: bool,
+    /// Capture each new incident's pod, owner chain and Events as evidence.
+    pub evidence: bool,
+    /// Reconcile ExfilPolicy objects into the agents' policy (needs the CRD).
+    pub exfilpolicies: bool,
+}
+
+impl Default for KubeDuties {
+    fn default() -> Self {
+        Self {
+            containment: true,
+            evidence: true,
+            exfilpolicies: true,
+        }
+    }
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -80,6 +106,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("file", &self.file)
             .field("kube", &self.kube.is_some())
             .field("lockdown", &self.lockdown)
+            .field("duties", &self.duties)
             .finish()
     }
 }
@@ -91,9 +118,9 @@ fn read(path: &PathBuf) -> Result<Vec<u8>> {
     })
 }
 
-/// Re-reads the agent policy on SIGHUP and pushes it; a bad file is
-/// refused and the policy in force stays.
-fn spawn_policy_reload(path: PathBuf, hub: Arc<Hub>) {
+/// Re-reads the agent policy on SIGHUP and hands it to `apply`; a bad file
+/// is refused and the policy in force stays.
+fn spawn_policy_reload(path: PathBuf, apply: impl Fn(PolicyUpdate) + Send + 'static) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
@@ -106,9 +133,8 @@ fn spawn_policy_reload(path: PathBuf, hub: Arc<Hub>) {
         while hup.recv().await.is_some() {
             match crate::node_policy::load(&path) {
                 Ok(update) => {
-                    let version = update.version;
-                    let sent = hub.set_policy(update);
-                    tracing::info!(version, agents = sent, "agent policy reloaded and pushed");
+                    tracing::info!(version = update.version, "agent policy reloaded");
+                    apply(update);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "agent policy rejected; the previous one stays in force");
@@ -124,6 +150,65 @@ fn spawn_policy_reload(path: PathBuf, hub: Arc<Hub>) {
 /// delayed ACK (≈ 40 ms, measured by `examples/lockdown_bench.rs`).
 fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+/// Puts the agent policy in force: the file alone, or, with a Kubernetes
+/// client, the file as the default under the ExfilPolicy objects (the
+/// reconciler pushes; agents that connect before its first list get the
+/// file's policy). Returns the reconciler's task, if one runs.
+fn start_agent_policy(
+    config: &ServerConfig,
+    hub: &Arc<Hub>,
+) -> Result<Option<tokio::task::JoinHandle<()>>> {
+    let default = match &config.agent_policy {
+        Some(path) => {
+            let update = crate::node_policy::load(path)?;
+            tracing::info!(path = %path.display(), version = update.version, "agent policy loaded");
+            hub.set_policy(update.clone());
+            Some(update)
+        }
+        None => None,
+    };
+    match config.kube.as_ref().filter(|_| config.duties.exfilpolicies) {
+        Some(client) => {
+            let (tx, rx) = tokio::sync::watch::channel(default);
+            if let Some(path) = &config.agent_policy {
+                spawn_policy_reload(path.clone(), move |u| {
+                    tx.send_replace(Some(u));
+                });
+            }
+            // Without a file the sender is dropped here: the reconciler keeps
+            // reading the (absent) default.
+            tracing::info!("ExfilPolicy reconciler started");
+            Ok(Some(crate::k8s::policy_reconciler::spawn(
+                client.clone(),
+                hub.clone(),
+                rx,
+            )))
+        }
+        None => {
+            if let Some(path) = &config.agent_policy {
+                let hub = hub.clone();
+                spawn_policy_reload(path.clone(), move |u| {
+                    let version = u.version;
+                    let agents = hub.set_policy(u);
+                    tracing::info!(version, agents, "agent policy pushed");
+                });
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            t.abort();
+        }
+    }
 }
 
 /// Serves until `shutdown` resolves.
@@ -143,15 +228,12 @@ pub async fn serve(
         .map_err(|e| Error::Unavailable(format!("store task: {e}")))?
         .map(Arc::new)?;
     let hub = Hub::new(1024);
-    if let Some(path) = &config.agent_policy {
-        let update = crate::node_policy::load(path)?;
-        tracing::info!(path = %path.display(), version = update.version, "agent policy loaded");
-        hub.set_policy(update);
-        spawn_policy_reload(path.clone(), hub.clone());
-    }
+    // Stops with the server, however `serve` returns.
+    let _reconciler = AbortOnDrop(start_agent_policy(&config, &hub)?);
     let mut policy = config.policy.clone();
-    policy.cluster_containment = config.kube.is_some();
-    if let Some(client) = &config.kube {
+    policy.cluster_containment = config.kube.is_some() && config.duties.containment;
+    let mut _responder = AbortOnDrop(None);
+    if let Some(client) = config.kube.as_ref().filter(|_| config.duties.containment) {
         let containment = Containment::new(
             client.clone(),
             ContainmentConfig {
@@ -166,13 +248,13 @@ pub async fn serve(
             config.lockdown.clone(),
             Retry::default(),
         );
-        responder.clone().start();
+        _responder = AbortOnDrop(Some(responder.clone().start()));
         // Puts back what a restart interrupted; in the background, so the
         // API server being slow does not hold up the agents.
         tokio::spawn(async move { responder.reconcile_contained().await });
         tracing::info!(protected = ?policy.protected_namespaces, "kubernetes containment on");
     }
-    if let Some(client) = &config.kube {
+    if let Some(client) = config.kube.as_ref().filter(|_| config.duties.evidence) {
         // Subscribed before ingest starts, so no opened incident is missed.
         crate::evidence::capture::Capturer::new(
             store.clone(),

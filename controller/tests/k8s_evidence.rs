@@ -558,7 +558,7 @@ async fn real_cluster_captures_a_pod_and_notices_it_gone() {
 async fn the_server_captures_after_the_ack_and_never_delays_it() {
     use exfilguard_controller::{
         gateway::GatewayLimits,
-        server::{self, ServerConfig},
+        server::{self, KubeDuties, ServerConfig},
     };
     use exfilguard_proto::v1::{
         AgentMessage, ExportEvidenceRequest, Hello, agent_gateway_client::AgentGatewayClient,
@@ -580,6 +580,10 @@ async fn the_server_captures_after_the_ack_and_never_delays_it() {
         file: Default::default(),
         kube: Some(Client::new(svc, "default")),
         lockdown: Default::default(),
+        duties: KubeDuties {
+            exfilpolicies: false,
+            ..Default::default()
+        },
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(server::serve(config, listener, async {

@@ -14,7 +14,7 @@ use exfilguard_controller::{
     correlate::ResponsePolicy,
     gateway::GatewayLimits,
     k8s::FIELD_MANAGER,
-    server::{self, ServerConfig},
+    server::{self, KubeDuties, ServerConfig},
 };
 use exfilguard_proto::v1::{
     AgentMessage, ControllerMessage, Detection, DetectionKind, Evidence, GetIncidentRequest, Hello,
@@ -76,6 +76,10 @@ impl Stack {
             file: Default::default(),
             kube: Some(client),
             lockdown: Default::default(),
+            duties: KubeDuties {
+                exfilpolicies: false,
+                ..Default::default()
+            },
         };
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(async move {

@@ -492,6 +492,7 @@ fn child_process() {
                 file: Default::default(),
                 kube: None,
                 lockdown: Default::default(),
+        duties: Default::default(),
             };
             server::serve(config, listener, std::future::pending()).await.expect("serve");
         }),

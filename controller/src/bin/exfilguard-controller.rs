@@ -10,7 +10,7 @@ use exfilguard_controller::{
     correlate::{ResponsePolicy, default_protected_namespaces},
     gateway::GatewayLimits,
     k8s::{DnsEndpoint, LockdownOptions},
-    server::{self, ServerConfig, TlsFiles},
+    server::{self, KubeDuties, ServerConfig, TlsFiles},
 };
 use exfilguard_proto::v1::PolicyAction;
 use tracing_subscriber::EnvFilter;
@@ -65,6 +65,17 @@ impl From<Action> for PolicyAction {
             Action::DryRun => PolicyAction::DryRun,
         }
     }
+}
+
+/// One of the controller's Kubernetes duties.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Duty {
+    /// Quarantine pods (label, NetworkPolicy, Event).
+    Containment,
+    /// Capture each new incident's pod, owner and Events as evidence.
+    Evidence,
+    /// Reconcile ExfilPolicy objects into the agents' policy (needs the CRD).
+    Exfilpolicies,
 }
 
 /// Whether to talk to the Kubernetes API.
@@ -152,6 +163,15 @@ struct Serve {
         value_delimiter = ','
     )]
     protected_namespaces: Vec<String>,
+    /// What to do through the Kubernetes API (comma-separated).
+    #[arg(
+        long,
+        value_enum,
+        env = "EXFILGUARD_KUBERNETES_DUTIES",
+        value_delimiter = ',',
+        default_value = "containment,evidence,exfilpolicies"
+    )]
+    kubernetes_duties: Vec<Duty>,
     /// Let a locked-down pod still reach cluster DNS (kube-system pods
     /// labelled k8s-app=kube-dns). Off by default: DNS is an exfiltration path.
     #[arg(long, env = "EXFILGUARD_LOCKDOWN_KEEP_DNS")]
@@ -274,7 +294,8 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
             high: args.high_action.into(),
             low: PolicyAction::Alert,
             protected_namespaces,
-            cluster_containment: kube.is_some(),
+            cluster_containment: kube.is_some()
+                && args.kubernetes_duties.contains(&Duty::Containment),
         },
         agent_policy: args.agent_policy,
         file,
@@ -283,6 +304,11 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
             dry_run: false,
             allow_dns: args.lockdown_keep_dns.then(DnsEndpoint::kube_dns),
             allow_cidrs: args.lockdown_keep_cidrs,
+        },
+        duties: KubeDuties {
+            containment: args.kubernetes_duties.contains(&Duty::Containment),
+            evidence: args.kubernetes_duties.contains(&Duty::Evidence),
+            exfilpolicies: args.kubernetes_duties.contains(&Duty::Exfilpolicies),
         },
     };
     server::serve(config, listener, shutdown_signal())

@@ -185,18 +185,10 @@ impl std::fmt::Display for FieldError {
 
 fn check_duration(field: &str, v: &Option<String>, out: &mut Vec<FieldError>) {
     let Some(v) = v else { return };
-    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
-    let (num, unit) = v.split_at(split);
-    let problem = if num.is_empty() {
-        Some(format!("{v:?} does not start with a whole number"))
-    } else if !matches!(unit, "ms" | "s" | "m" | "h" | "d") {
-        Some(format!(
-            "{v:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
-        ))
-    } else if num.parse::<u64>().map_or(true, |n| n == 0) {
-        Some(format!("{v:?} must be a positive whole number"))
-    } else {
-        None
+    let problem = match exfilguard_policy::parse_duration(v) {
+        Err(problem) => Some(problem),
+        Ok(d) if d.is_zero() => Some(format!("{v:?} must be a positive whole number")),
+        Ok(_) => None,
     };
     if let Some(problem) = problem {
         out.push(FieldError {
@@ -207,18 +199,8 @@ fn check_duration(field: &str, v: &Option<String>, out: &mut Vec<FieldError>) {
 }
 
 fn check_cidr(field: String, v: &str, out: &mut Vec<FieldError>) {
-    let ok = v.split_once('/').is_some_and(|(addr, len)| {
-        match (addr.parse::<std::net::IpAddr>(), len.parse::<u8>()) {
-            (Ok(std::net::IpAddr::V4(_)), Ok(l)) => l <= 32,
-            (Ok(std::net::IpAddr::V6(_)), Ok(l)) => l <= 128,
-            _ => false,
-        }
-    });
-    if !ok {
-        out.push(FieldError {
-            field,
-            problem: format!("{v:?} is not a CIDR (address/prefix length)"),
-        });
+    if let Err(problem) = exfilguard_policy::parse_cidr(v) {
+        out.push(FieldError { field, problem });
     }
 }
 
@@ -255,17 +237,10 @@ impl ExfilPolicySpec {
                 check_cidr(format!("allowlist.cidrs[{i}]"), c, &mut out);
             }
             for (i, d) in a.domains.iter().enumerate() {
-                let ok = !d.is_empty()
-                    && d.len() <= 253
-                    && d.split('.').all(|l| {
-                        !l.is_empty()
-                            && l.len() <= 63
-                            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                    });
-                if !ok {
+                if let Err(problem) = exfilguard_policy::check_domain(d) {
                     out.push(FieldError {
                         field: format!("allowlist.domains[{i}]"),
-                        problem: format!("{d:?} is not a domain name"),
+                        problem,
                     });
                 }
             }

@@ -1,6 +1,7 @@
 //! Kubernetes side of the controller: containment of one pod
-//! ([`containment`]), carried out for incidents by [`respond`], and the
-//! custom resources ([`crd`]).
+//! ([`containment`]), carried out for incidents by [`respond`], the custom
+//! resources ([`crd`]) and the `ExfilPolicy` reconciler that turns them into
+//! the agents' policy ([`policy_reconciler`]).
 //!
 //! Everything here talks to the API server through a [`kube::Client`], so the
 //! tests drive it with kube's `tower-test` mock (exact requests) and, when
@@ -10,6 +11,7 @@ pub mod containment;
 pub mod crd;
 pub mod evidence;
 mod names;
+pub mod policy_reconciler;
 pub mod respond;
 
 pub use containment::{
