@@ -101,7 +101,18 @@ impl FlowTracker {
         }
         // Flows gone from the snapshot are forgotten before the new ones
         // go in, so the table holds one poll's flows, not two.
+        let before = self.last.len();
         self.last.retain(|_, t| t.mark == mark);
+        let gone = before - self.last.len();
+        if gone > 0 && gone >= before / 4 {
+            // Many went: the slots they leave marked deleted would make the
+            // table double as the new flows go in. Rebuilt at the
+            // snapshot's size instead, the old table freed first.
+            let kept: Vec<(FlowId, Totals)> = self.last.drain().collect();
+            self.last = HashMap::new();
+            self.last.reserve(snapshot.len());
+            self.last.extend(kept);
+        }
         for (id, c) in snapshot {
             self.last.insert(
                 *id,

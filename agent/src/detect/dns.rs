@@ -1162,6 +1162,112 @@ mod tests {
     use super::*;
     use crate::detect::Phase;
 
+    #[test]
+    fn one_name_inline_promoted_on_a_second_and_back_on_expiry() {
+        let mut n = Names::default();
+        assert_eq!(n.len(), 0);
+        assert!(n.get_mut(1).is_none());
+        n.insert(1, 10);
+        assert!(matches!(n, Names::One { .. }), "one name needs no table");
+        *n.get_mut(1).unwrap() = 20;
+        assert!(n.get_mut(2).is_none());
+        // A second distinct name: the table, with both.
+        n.insert(2, 30);
+        assert!(matches!(n, Names::Many(_)));
+        assert_eq!(n.len(), 2);
+        assert_eq!(*n.get_mut(1).unwrap(), 20, "first name's time kept");
+        assert_eq!(*n.get_mut(2).unwrap(), 30);
+        n.insert(3, 40);
+        assert_eq!(n.len(), 3);
+        // Window expiry: names last seen before 30 go; back to inline.
+        n.retain_since(31);
+        assert!(
+            matches!(
+                n,
+                Names::One {
+                    fingerprint: 3,
+                    seen: 40
+                }
+            ),
+            "{n:?}"
+        );
+        n.retain_since(40);
+        assert_eq!(n.len(), 1, "seen at the window's first instant stays");
+        n.retain_since(41);
+        assert!(matches!(n, Names::Empty));
+        // And from the table straight to empty.
+        n.insert(1, 1);
+        n.insert(2, 1);
+        n.retain_since(2);
+        assert!(matches!(n, Names::Empty));
+    }
+
+    #[test]
+    fn buckets_newest_inline_older_queued_and_expired_in_order() {
+        let mut b = DnsBuckets::default();
+        assert!(b.is_empty());
+        assert!(!b.expire(100), "nothing to drop");
+        b.at(5).queries += 1;
+        b.at(5).queries += 1;
+        assert!(b.older.is_none(), "one bucket needs no queue");
+        b.at(7).queries += 10;
+        b.at(9).answers += 1;
+        let idx: Vec<u64> = b.iter().map(|x| x.idx).collect();
+        assert_eq!(idx, vec![5, 7, 9], "oldest first");
+        let rev: Vec<u64> = b.iter().rev().map(|x| x.idx).collect();
+        assert_eq!(rev, vec![9, 7, 5]);
+        assert_eq!(b.iter().map(|x| x.queries).sum::<u64>(), 12);
+        assert!(!b.expire(5), "bucket 5 is still in the window");
+        assert!(b.expire(6));
+        assert_eq!(b.iter().map(|x| x.idx).collect::<Vec<_>>(), vec![7, 9]);
+        assert!(b.expire(9));
+        assert!(b.older.is_none(), "queue dropped once empty");
+        assert_eq!(b.iter().map(|x| x.answers).sum::<u64>(), 1);
+        assert!(b.expire(10));
+        assert!(b.is_empty());
+        // Counts start from zero in a bucket made after expiry.
+        assert_eq!(b.at(10).queries, 0);
+    }
+
+    #[test]
+    fn compact_domain_state_counts_like_the_full_one() {
+        // One name asked again and again stays compact; a second name
+        // promotes it, and the counts and evidence are those of both.
+        let p = Policy::default();
+        let mut d = DnsDetector::new();
+        let srv = Some(SocketAddr::from(([10, 96, 0, 10], 53)));
+        for i in 0..3 {
+            d.observe_query(&p, "w", "www.example.com", RecordType::A, srv, i * NS)
+                .unwrap();
+        }
+        let st = d.workloads["w"].domains.get("example.com").unwrap();
+        assert!(matches!(st.names, Names::One { .. }));
+        assert_eq!(
+            (st.sum().queries, st.samples.len(), st.servers.len()),
+            (3, 1, 1)
+        );
+        assert!(!st.samples.spilled() && !st.servers.spilled());
+        let other = Some(SocketAddr::from(([10, 96, 0, 11], 53)));
+        d.observe_query(&p, "w", "api.example.com", RecordType::TXT, other, 3 * NS)
+            .unwrap();
+        let st = d.workloads["w"].domains.get("example.com").unwrap();
+        assert_eq!(st.names.len(), 2);
+        let s = st.sum();
+        assert_eq!((s.queries, s.unusual), (4, 1));
+        let ev = domain_evidence(st, &s, "example.com");
+        assert_eq!(ev.distinct_names, 2);
+        assert_eq!(
+            ev.sample_queries,
+            vec!["www.example.com".to_owned(), "api.example.com".to_owned()]
+        );
+        assert_eq!(st.servers.len(), 2);
+        // The window passes: the state is forgotten at evaluation.
+        let window = p.dns.window.0.as_nanos() as u64;
+        assert!(d.evaluate(&p, 4 * NS).is_empty());
+        assert!(d.evaluate(&p, 4 * NS + window + 61 * NS).is_empty());
+        assert_eq!(d.stats().keys, 0);
+    }
+
     fn q(name: &str, t: RecordType) -> Vec<u8> {
         build_message(7, name, t, None).unwrap()
     }
