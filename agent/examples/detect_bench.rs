@@ -183,7 +183,11 @@ fn rss_child() {
     let tree = Tree(root.clone());
     let ids = pod_tree(&root);
     let metrics = Arc::new(Metrics::new());
-    eprintln!("start: RSS {} KiB", rss_kib().1);
+    let step = |what: &str| {
+        let (hwm, rss) = rss_kib();
+        eprintln!("{what}: RSS {rss} KiB (peak so far {hwm} KiB)");
+    };
+    step("start");
     let mut engine = Engine::new(&root, Policy::default(), None, metrics.clone());
     let mut tracker = FlowTracker::new();
     let server = SocketAddr::from(([10, 96, 0, 10], 53));
@@ -207,7 +211,7 @@ fn rss_child() {
     // Pod 0's first name once up front: its attribution walks the cgroup
     // tree, so the resolver's share of the memory shows on its own.
     engine.dns(&dns_record(ids[0], &name_of(splitmix(0)), 0, None, NS / 2));
-    eprintln!("after the cgroup walk: RSS {} KiB", rss_kib().1);
+    step("after the cgroup walk");
     let mut detections = 0;
     for poll in 0..POLLS {
         let now = u64::from(poll + 1) * NS;
@@ -237,11 +241,13 @@ fn rss_child() {
                 })
             })
             .collect();
+        step(&format!("poll {poll} snapshot built"));
         let deltas = tracker.update(&snapshot);
+        step(&format!("poll {poll} tracker updated"));
         drop(snapshot);
         engine.flows(&deltas);
         drop(deltas);
-        eprintln!("poll {poll}: RSS {} KiB after flows", rss_kib().1);
+        step(&format!("poll {poll} after flows"));
         for (w, &cgroup_id) in ids.iter().enumerate() {
             for q in 0..DNS_PER_POLL {
                 // Each pod asks for the same few names every poll (its
@@ -253,7 +259,7 @@ fn rss_child() {
             }
         }
         detections += engine.evaluate(now).len();
-        eprintln!("poll {poll}: RSS {} KiB after DNS", rss_kib().1);
+        step(&format!("poll {poll} after DNS"));
     }
     let (hwm, rss) = rss_kib();
     // Keep the state alive until measured.

@@ -211,7 +211,9 @@ impl Workload {
 #[derive(Debug)]
 pub struct Resolver {
     root: PathBuf,
-    cache: HashMap<u64, Workload>,
+    /// Boxed: a map slot is 16 bytes, not the 192 of a workload, so the
+    /// table's empty slots cost little.
+    cache: HashMap<u64, Box<Workload>>,
     /// Ids not found in the last walk; retried after the next walk only.
     walks: u64,
     pods: Option<PodCache>,
@@ -247,13 +249,15 @@ impl Resolver {
     /// ids does not walk every time; `forget` clears it).
     pub fn resolve(&mut self, cgroup_id: u64) -> &Workload {
         if !self.cache.contains_key(&cgroup_id) {
-            self.walk();
-            self.cache.entry(cgroup_id).or_insert_with(|| Workload {
-                id: format!("unattributed/{cgroup_id}"),
-                cgroup_path: None,
-                pod: None,
-                meta: WorkloadMeta::default(),
-                pod_info: None,
+            self.walk(cgroup_id);
+            self.cache.entry(cgroup_id).or_insert_with(|| {
+                Box::new(Workload {
+                    id: format!("unattributed/{cgroup_id}"),
+                    cgroup_path: None,
+                    pod: None,
+                    meta: WorkloadMeta::default(),
+                    pod_info: None,
+                })
             });
         }
         let w = self.cache.get_mut(&cgroup_id).expect("inserted above");
@@ -277,7 +281,13 @@ impl Resolver {
         self.cache.retain(|_, w| w.cgroup_path.is_some());
     }
 
-    fn walk(&mut self) {
+    /// Walks the tree, caching every leaf cgroup and `target`. Leaves are
+    /// where processes live (cgroup v2 keeps them out of inner cgroups
+    /// with controllers: the kubelet's pod and QoS slices), so one walk
+    /// still answers the ids a node reports, without holding a workload
+    /// for every slice above them (a third of the cache with 10,000 pods).
+    /// An inner cgroup asked for is found and cached by its own walk.
+    fn walk(&mut self, target: u64) {
         self.walks += 1;
         let mut stack = vec![self.root.clone()];
         let mut seen = 0;
@@ -290,16 +300,18 @@ impl Resolver {
             let Ok(id) = crate::datapath::cgroup_id(&dir) else {
                 continue;
             };
-            self.cache
-                .entry(id)
-                .or_insert_with(|| workload_for(&self.root, &dir));
-            let Ok(rd) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for e in rd.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    stack.push(e.path());
+            let children = stack.len();
+            if let Ok(rd) = std::fs::read_dir(&dir) {
+                for e in rd.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        stack.push(e.path());
+                    }
                 }
+            }
+            if stack.len() == children || id == target {
+                self.cache
+                    .entry(id)
+                    .or_insert_with(|| Box::new(workload_for(&self.root, &dir)));
             }
         }
     }
@@ -413,6 +425,16 @@ mod tests {
         assert_eq!(r.walks(), 2);
         r.resolve(u64::MAX);
         assert_eq!(r.walks(), 2, "unknown ids are cached too");
+        // Inner cgroups (the pod's own cgroup above its container) are not
+        // cached by walks for others; asked for, one walk finds them.
+        let parent = pod.parent().unwrap();
+        let pid = crate::datapath::cgroup_id(parent).unwrap();
+        assert!(!r.cache.contains_key(&pid), "inner cgroup cached ahead");
+        assert_eq!(r.resolve(pid).id, format!("pod/{UID}"));
+        assert_eq!(r.resolve(pid).cgroup_path.as_deref(), Some(parent));
+        assert_eq!(r.walks(), 3);
+        r.resolve(pid);
+        assert_eq!(r.walks(), 3, "then served from the cache");
         std::fs::remove_dir_all(&root).unwrap();
     }
 

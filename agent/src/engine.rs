@@ -26,9 +26,11 @@ pub struct Engine {
     volume: VolumeDetector,
     dns: DnsDetector,
     metrics: Arc<Metrics>,
-    /// cgroup ids seen per workload id: a Block or cap for a workload covers
-    /// every container cgroup of it, not only the one a detection names.
-    cgroups: HashMap<String, BTreeSet<u64>>,
+    /// cgroup ids seen per workload id, sorted: a Block or cap for a
+    /// workload covers every container cgroup of it, not only the one a
+    /// detection names. (A vector, not a set: a pod has one to a few, and
+    /// with 10,000 pods a B-tree node each was a megabyte.)
+    cgroups: HashMap<String, Vec<u64>>,
     /// The cgroup's own hard cap last pushed to the kernel per cgroup (by
     /// policy, not by the controller's SetCap, which `caps` never
     /// overrides); `None`: no own entry, the default cap applies.
@@ -87,7 +89,11 @@ impl Engine {
     /// Every cgroup id seen for the workload of `cgroup_id`, itself included.
     pub fn sibling_cgroups(&mut self, cgroup_id: u64) -> BTreeSet<u64> {
         let id = self.resolver.resolve(cgroup_id).id.clone();
-        let mut out = self.cgroups.get(&id).cloned().unwrap_or_default();
+        let mut out: BTreeSet<u64> = self
+            .cgroups
+            .get(&id)
+            .map(|ids| ids.iter().copied().collect())
+            .unwrap_or_default();
         out.insert(cgroup_id);
         out
     }
@@ -96,7 +102,7 @@ impl Engine {
     pub fn cgroup_of(&self, workload_id: &str) -> Option<u64> {
         self.cgroups
             .get(workload_id)
-            .and_then(|s| s.iter().next().copied())
+            .and_then(|s| s.first().copied())
     }
 
     /// Marks a cgroup's cap as set by the controller (or cleared by it), so
@@ -255,15 +261,15 @@ impl Engine {
 
 /// Remembers that `cgroup_id` belongs to `workload` (allocating only the
 /// first time a cgroup is seen).
-fn note_cgroup(cgroups: &mut HashMap<String, BTreeSet<u64>>, workload: &str, cgroup_id: u64) {
-    if !cgroups
-        .get(workload)
-        .is_some_and(|s| s.contains(&cgroup_id))
-    {
-        cgroups
-            .entry(workload.to_owned())
-            .or_default()
-            .insert(cgroup_id);
+fn note_cgroup(cgroups: &mut HashMap<String, Vec<u64>>, workload: &str, cgroup_id: u64) {
+    let pos = match cgroups.get(workload) {
+        Some(ids) => ids.binary_search(&cgroup_id),
+        None => Err(0),
+    };
+    if let Err(i) = pos {
+        let ids = cgroups.entry(workload.to_owned()).or_default();
+        ids.reserve_exact(1);
+        ids.insert(i, cgroup_id);
     }
 }
 

@@ -15,13 +15,18 @@ use std::{
     net::SocketAddr,
 };
 
+use smallvec::SmallVec;
+
 use hickory_proto::{
     op::{Header, Message, MessageType, Query, ResponseCode},
     rr::{Name, RecordType},
     serialize::binary::{BinDecodable as _, BinDecoder, DecodeError},
 };
 
-use super::{Destination, Detection, DnsEvidence, Episodes, Evidence, NS, Rule, entropy_of_counts};
+use super::{
+    Destination, Detection, DnsEvidence, Episodes, Evidence, Meta, NS, Rule, entropy_of_counts,
+    small_map::{Keyed, SmallMap},
+};
 use crate::policy::{Action, Policy, WorkloadMeta};
 
 /// Why a payload is not a DNS message we can use.
@@ -264,47 +269,211 @@ type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 /// or two, and past this many the rest go uncounted.
 const MAX_SERVERS: usize = 8;
 
-#[derive(Debug, Default)]
+/// A (workload, registered domain)'s window. Sized for the common case of
+/// a pod asking for the same name of a domain again and again: one bucket,
+/// one name, one server, one sample, no hash table of its own.
+#[derive(Debug)]
 struct DomainState {
+    /// The registered domain (this state's key in its workload's table).
+    domain: Box<str>,
     is_dirty: bool,
-    buckets: VecDeque<Bucket>,
+    buckets: DnsBuckets,
     /// Names seen in the window, as 64-bit fingerprints (seeded hashes):
     /// no copy of each name is kept, and a collision among the at most
     /// [`MAX_NAMES`] of a domain is a ~2^-34 event that only under-counts
     /// one name.
-    names: Map<u64, u64>,
-    samples: Vec<Box<str>>,
-    servers: Vec<(SocketAddr, u64)>,
+    names: Names,
+    /// Usually one name and one server: held inline, no allocation.
+    samples: SmallVec<[Box<str>; 1]>,
+    servers: SmallVec<[(SocketAddr, u64); 1]>,
     max_label: usize,
     max_name: usize,
     entropy_sum: f64,
     entropy_n: u64,
 }
 
-impl DomainState {
-    fn bucket(&mut self, idx: u64) -> &mut Bucket {
-        if self.buckets.back().is_none_or(|b| b.idx != idx) {
-            // Most domains of most workloads live in one bucket: room for
-            // exactly one at first (a queue's first push makes room for 4).
-            self.buckets.reserve_exact(1);
-            self.buckets.push_back(Bucket {
-                idx,
-                ..Default::default()
-            });
+impl Keyed for DomainState {
+    type Key = str;
+    type Owned = Box<str>;
+    fn key(&self) -> &str {
+        &self.domain
+    }
+    fn owned_key(&self) -> Box<str> {
+        self.domain.clone()
+    }
+}
+
+/// A domain's buckets: the newest inline, older ones (oldest first) in a
+/// boxed queue made when a second bucket is used.
+#[derive(Debug, Default)]
+struct DnsBuckets {
+    last: Option<Bucket>,
+    #[expect(
+        clippy::box_collection,
+        reason = "8 bytes inline instead of 32 in every domain, most of which never need it"
+    )]
+    older: Option<Box<VecDeque<Bucket>>>,
+}
+
+impl DnsBuckets {
+    /// The bucket `idx`, appended after the newest unless it is the newest.
+    fn at(&mut self, idx: u64) -> &mut Bucket {
+        let fresh = Bucket {
+            idx,
+            ..Default::default()
+        };
+        match self.last.as_ref().map(|b| b.idx == idx) {
+            Some(true) => {}
+            Some(false) => {
+                let older = self.older.get_or_insert_default();
+                // One bucket more at a time: a domain rarely spans many.
+                older.reserve_exact(1);
+                older.extend(self.last.replace(fresh));
+            }
+            None => self.last = Some(fresh),
         }
-        self.buckets.back_mut().expect("pushed above")
+        self.last.as_mut().expect("set above")
+    }
+
+    /// Drops buckets from the front while older than `first_idx`; true
+    /// when some were dropped.
+    fn expire(&mut self, first_idx: u64) -> bool {
+        let mut dropped = false;
+        if let Some(older) = &mut self.older {
+            while older.front().is_some_and(|b| b.idx < first_idx) {
+                older.pop_front();
+                dropped = true;
+            }
+            if !older.is_empty() {
+                return dropped;
+            }
+            self.older = None;
+        }
+        if self.last.as_ref().is_some_and(|b| b.idx < first_idx) {
+            self.last = None;
+            dropped = true;
+        }
+        dropped
+    }
+
+    fn is_empty(&self) -> bool {
+        self.last.is_none()
+    }
+
+    /// Oldest first.
+    fn iter(&self) -> impl DoubleEndedIterator<Item = &Bucket> {
+        self.older
+            .as_deref()
+            .into_iter()
+            .flatten()
+            .chain(self.last.as_ref())
+    }
+}
+
+/// A domain's name fingerprints with when each was last seen: most
+/// domains of most workloads see one name, held inline.
+#[derive(Debug, Default)]
+enum Names {
+    #[default]
+    Empty,
+    One {
+        fingerprint: u64,
+        seen: u64,
+    },
+    Many(Box<Map<u64, u64>>),
+}
+
+impl Names {
+    fn len(&self) -> usize {
+        match self {
+            Names::Empty => 0,
+            Names::One { .. } => 1,
+            Names::Many(m) => m.len(),
+        }
+    }
+
+    /// When `fingerprint` was last seen, mutable.
+    fn get_mut(&mut self, fingerprint: u64) -> Option<&mut u64> {
+        match self {
+            Names::One {
+                fingerprint: f,
+                seen,
+            } if *f == fingerprint => Some(seen),
+            Names::Many(m) => m.get_mut(&fingerprint),
+            _ => None,
+        }
+    }
+
+    /// Adds a fingerprint not present yet.
+    fn insert(&mut self, fingerprint: u64, seen: u64) {
+        match self {
+            Names::Empty => *self = Names::One { fingerprint, seen },
+            Names::One {
+                fingerprint: f,
+                seen: s,
+            } => {
+                let mut m = Map::default();
+                m.insert(*f, *s);
+                m.insert(fingerprint, seen);
+                *self = Names::Many(Box::new(m));
+            }
+            Names::Many(m) => {
+                m.insert(fingerprint, seen);
+            }
+        }
+    }
+
+    /// Keeps the names seen at or after `first_ns`.
+    fn retain_since(&mut self, first_ns: u64) {
+        match self {
+            Names::Empty => {}
+            Names::One { seen, .. } => {
+                if *seen < first_ns {
+                    *self = Names::Empty;
+                }
+            }
+            Names::Many(m) => {
+                m.retain(|_, &mut seen| seen >= first_ns);
+                // Back to the inline forms once few are left.
+                match m.len() {
+                    0 => *self = Names::Empty,
+                    1 => {
+                        let (&fingerprint, &seen) = m.iter().next().expect("one name");
+                        *self = Names::One { fingerprint, seen };
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+impl DomainState {
+    fn new(domain: &str) -> Self {
+        Self {
+            domain: domain.into(),
+            is_dirty: false,
+            buckets: DnsBuckets::default(),
+            names: Names::Empty,
+            samples: SmallVec::new(),
+            servers: SmallVec::new(),
+            max_label: 0,
+            max_name: 0,
+            entropy_sum: 0.0,
+            entropy_n: 0,
+        }
+    }
+
+    fn bucket(&mut self, idx: u64) -> &mut Bucket {
+        self.buckets.at(idx)
     }
 
     fn expire(&mut self, first_idx: u64, first_ns: u64) {
-        let before = self.buckets.len();
-        while self.buckets.front().is_some_and(|b| b.idx < first_idx) {
-            self.buckets.pop_front();
-        }
-        if self.buckets.len() != before {
-            self.names.retain(|_, &mut seen| seen >= first_ns);
+        if self.buckets.expire(first_idx) {
+            self.names.retain_since(first_ns);
             if self.buckets.is_empty() {
-                self.servers.clear();
-                self.samples.clear();
+                self.servers = SmallVec::new();
+                self.samples = SmallVec::new();
                 self.max_label = 0;
                 self.max_name = 0;
                 self.entropy_sum = 0.0;
@@ -315,7 +484,7 @@ impl DomainState {
 
     fn sum(&self) -> Bucket {
         let mut s = Bucket::default();
-        for b in &self.buckets {
+        for b in self.buckets.iter() {
             s.queries += b.queries;
             s.unusual += b.unusual;
             s.answers += b.answers;
@@ -368,30 +537,54 @@ pub struct DnsDetector {
 /// every domain).
 #[derive(Debug, Default)]
 struct WorkloadDns {
-    domains: Map<String, DomainState>,
-    /// Domains with a query since the last evaluation.
-    dirty: Vec<String>,
+    /// Its domains; those with a query since the last evaluation have
+    /// `is_dirty` set (a flag, not a list of copied names).
+    domains: SmallMap<DomainState>,
     is_dirty: bool,
-    carrier: VecDeque<(u64, f64)>,
-    carrier_sum: f64,
-    /// Domains that carried, with the bucket of their latest carrier name.
-    carrier_domains: Map<String, u64>,
+    /// Made by the first carrier-like name (most workloads send none).
+    carrier: Option<Box<Carrier>>,
     /// Namespace and labels, for the policy's overrides.
-    meta: WorkloadMeta,
+    meta: Meta,
+}
+
+/// A workload's carrier bytes over its domains, as a sliding window.
+#[derive(Debug, Default)]
+struct Carrier {
+    /// (bucket, carrier bytes), oldest first.
+    buckets: VecDeque<(u64, f64)>,
+    sum: f64,
+    /// Domains that carried, with the bucket of their latest carrier name.
+    domains: Map<String, u64>,
 }
 
 impl WorkloadDns {
     fn expire_carrier(&mut self, first_idx: u64) {
-        while self.carrier.front().is_some_and(|b| b.0 < first_idx) {
-            if let Some((_, v)) = self.carrier.pop_front() {
-                self.carrier_sum -= v;
+        let Some(c) = &mut self.carrier else {
+            return;
+        };
+        while c.buckets.front().is_some_and(|b| b.0 < first_idx) {
+            if let Some((_, v)) = c.buckets.pop_front() {
+                c.sum -= v;
             }
         }
-        if self.carrier.is_empty() {
+        if c.buckets.is_empty() {
             // No float drift left behind.
-            self.carrier_sum = 0.0;
+            c.sum = 0.0;
         }
-        self.carrier_domains.retain(|_, &mut idx| idx >= first_idx);
+        c.domains.retain(|_, &mut idx| idx >= first_idx);
+        if c.buckets.is_empty() && c.domains.is_empty() {
+            self.carrier = None;
+        }
+    }
+
+    /// Carrier bytes in the window.
+    fn carrier_sum(&self) -> f64 {
+        self.carrier.as_ref().map_or(0.0, |c| c.sum)
+    }
+
+    /// Domains that carried in the window.
+    fn carrier_domains(&self) -> usize {
+        self.carrier.as_ref().map_or(0, |c| c.domains.len())
     }
 }
 
@@ -434,16 +627,12 @@ impl DnsDetector {
             w.is_dirty = true;
             self.dirty.push(workload.to_owned());
         }
-        let st = match w.domains.get_mut(split.registered) {
-            Some(st) => st,
-            None => w.domains.entry(split.registered.to_owned()).or_default(),
-        };
-        if !st.is_dirty {
-            st.is_dirty = true;
-            w.dirty.push(split.registered.to_owned());
-        }
+        let st = w
+            .domains
+            .get_or_insert_with(split.registered, || DomainState::new(split.registered));
+        st.is_dirty = true;
         let fingerprint = self.fingerprint.hash_one(name);
-        let novel = match st.names.get_mut(&fingerprint) {
+        let novel = match st.names.get_mut(fingerprint) {
             Some(seen) => {
                 *seen = now_ns;
                 false
@@ -498,15 +687,16 @@ impl DnsDetector {
         b.carrier += carrier;
         b.name_bytes += name.len() as u64;
         if carrier > 0.0 {
-            match w.carrier.back_mut() {
+            let c = w.carrier.get_or_insert_default();
+            match c.buckets.back_mut() {
                 Some((i, v)) if *i == idx => *v += carrier,
-                _ => w.carrier.push_back((idx, carrier)),
+                _ => c.buckets.push_back((idx, carrier)),
             }
-            w.carrier_sum += carrier;
-            match w.carrier_domains.get_mut(split.registered) {
+            c.sum += carrier;
+            match c.domains.get_mut(split.registered) {
                 Some(i) => *i = idx,
                 None => {
-                    w.carrier_domains.insert(split.registered.to_owned(), idx);
+                    c.domains.insert(split.registered.to_owned(), idx);
                 }
             }
         }
@@ -595,14 +785,14 @@ impl DnsDetector {
         now_ns: u64,
     ) {
         match self.workloads.get_mut(workload) {
-            Some(w) if w.meta != *meta => w.meta = meta.clone(),
+            Some(w) if w.meta.get() != meta => w.meta = Meta::new(meta),
             Some(_) => {}
             None if m.response => {}
             None => {
                 self.workloads.insert(
                     workload.to_owned(),
                     WorkloadDns {
-                        meta: meta.clone(),
+                        meta: Meta::new(meta),
                         ..Default::default()
                     },
                 );
@@ -637,59 +827,84 @@ impl DnsDetector {
         };
         let sweep = now_ns.saturating_sub(self.last_sweep_ns) >= 60 * NS;
         let mut out = Vec::new();
-        // (workload, domain) pairs to evaluate.
-        let mut keys: Vec<(String, String)> = Vec::new();
-        let mut workloads: Vec<String> = std::mem::take(&mut self.dirty);
-        for w in &workloads {
-            if let Some(wd) = self.workloads.get_mut(w) {
-                wd.is_dirty = false;
-                keys.extend(wd.dirty.drain(..).map(|d| (w.clone(), d)));
-            }
-        }
+        // Open per-domain episodes, by workload: evaluated (to end them)
+        // even when quiet.
+        let mut open: Vec<(String, String)> = Vec::new();
         for rule in [Rule::DnsExfiltration, Rule::DnsTunnel] {
-            keys.extend(
+            open.extend(
                 self.episodes
                     .open_keys(rule)
                     .into_iter()
                     .filter_map(|(w, d)| Some((w, d?))),
             );
         }
-        workloads.extend(self.episodes.open_subjects(Rule::DnsExfiltrationSpread));
+        open.sort_unstable();
+        open.dedup();
+        // Workloads whose domains are looked at: those queried since the
+        // last call (their queried domains), those with an open domain
+        // episode, and on a sweep every one (all their domains). In order
+        // of (workload, domain), one workload at a time, so no list of
+        // every (workload, domain) pair is built.
+        let mut workloads: Vec<String> = std::mem::take(&mut self.dirty);
+        workloads.extend(open.iter().map(|(w, _)| w.clone()));
         if sweep {
             self.last_sweep_ns = now_ns;
-            for (w, wd) in &self.workloads {
-                keys.extend(wd.domains.keys().map(|d| (w.clone(), d.clone())));
-                workloads.push(w.clone());
-            }
+            workloads.extend(self.workloads.keys().cloned());
         }
-        keys.sort_unstable();
-        keys.dedup();
-        for (workload, domain) in keys {
-            let Some(wd) = self.workloads.get_mut(&workload) else {
+        workloads.sort_unstable();
+        workloads.dedup();
+        for workload in &workloads {
+            let Some(wd) = self.workloads.get_mut(workload) else {
                 continue;
             };
-            let eff = policy.effective(&wd.meta);
-            let Some(st) = wd.domains.get_mut(&domain) else {
-                continue;
-            };
-            st.is_dirty = false;
-            st.expire(ctx.first_idx, ctx.first_ns);
-            let (threshold, action) = (eff.dns_encoded_bytes, eff.action);
-            evaluate_domain(
-                &ctx,
-                &mut self.episodes,
-                (&workload, &domain, threshold, action),
-                st,
-                &mut out,
-            );
-            let keep = !st.buckets.is_empty()
-                || [Rule::DnsExfiltration, Rule::DnsTunnel]
+            let mut domains: Vec<Box<str>> = wd
+                .domains
+                .values()
+                .filter(|st| sweep || st.is_dirty)
+                .map(|st| st.domain.clone())
+                .collect();
+            let from = open.partition_point(|(w, _)| w < workload);
+            domains.extend(
+                open[from..]
                     .iter()
-                    .any(|&r| self.episodes.is_active((r, &workload, Some(&domain))));
-            if !keep && let Some(w) = self.workloads.get_mut(&workload) {
-                w.domains.remove(&domain);
+                    .take_while(|(w, _)| w == workload)
+                    .map(|(_, d)| d.as_str().into()),
+            );
+            domains.sort_unstable();
+            domains.dedup();
+            let eff = policy.effective(wd.meta.get());
+            let (threshold, action) = (eff.dns_encoded_bytes, eff.action);
+            for domain in domains {
+                let Some(st) = wd.domains.get_mut(&domain) else {
+                    continue;
+                };
+                st.is_dirty = false;
+                st.expire(ctx.first_idx, ctx.first_ns);
+                evaluate_domain(
+                    &ctx,
+                    &mut self.episodes,
+                    (workload, &domain, threshold, action),
+                    st,
+                    &mut out,
+                );
+                let keep = !st.buckets.is_empty()
+                    || [Rule::DnsExfiltration, Rule::DnsTunnel]
+                        .iter()
+                        .any(|&r| self.episodes.is_active((r, workload, Some(&domain))));
+                if !keep {
+                    wd.domains.remove(&domain);
+                }
             }
         }
+        // The spread rule: workloads queried since the last call (their
+        // flag is cleared here), with an open spread episode, or all on a
+        // sweep.
+        workloads.retain(|w| {
+            self.workloads
+                .get_mut(w)
+                .is_some_and(|wd| std::mem::take(&mut wd.is_dirty) || sweep)
+        });
+        workloads.extend(self.episodes.open_subjects(Rule::DnsExfiltrationSpread));
         workloads.sort_unstable();
         workloads.dedup();
         for w in workloads {
@@ -714,29 +929,24 @@ impl DnsDetector {
                 continue;
             };
             wd.expire_carrier(ctx.first_idx);
-            let firing = wd.carrier_sum > policy.dns.spread_encoded_bytes as f64
-                && wd.carrier_domains.len() >= 2;
+            let carrier_sum = wd.carrier_sum();
+            let firing =
+                carrier_sum > policy.dns.spread_encoded_bytes as f64 && wd.carrier_domains() >= 2;
             if let Some((phase, episode)) = self.episodes.step(
                 (Rule::DnsExfiltrationSpread, &w, None),
                 firing,
-                wd.carrier_sum,
+                carrier_sum,
                 now_ns,
                 ctx.every,
             ) {
                 let ev = spread_evidence(wd);
-                out.push(spread_detection(
-                    &ctx,
-                    &w,
-                    phase,
-                    episode,
-                    wd.carrier_sum,
-                    ev,
-                ));
+                out.push(spread_detection(&ctx, &w, phase, episode, carrier_sum, ev));
             }
             let open = self
                 .episodes
                 .is_active((Rule::DnsExfiltrationSpread, &w, None));
-            if wd.domains.is_empty() && wd.carrier.is_empty() && !open {
+            let no_carrier = wd.carrier.as_ref().is_none_or(|c| c.buckets.is_empty());
+            if wd.domains.is_empty() && no_carrier && !open {
                 self.workloads.remove(&w);
             }
         }
@@ -859,9 +1069,14 @@ fn evaluate_domain(
 /// Evidence of the spread rule: the carrying domains, biggest first.
 fn spread_evidence(wd: &WorkloadDns) -> DnsEvidence {
     let mut domains: Vec<(&String, f64, &DomainState)> = wd
-        .carrier_domains
-        .keys()
-        .filter_map(|d| wd.domains.get(d).map(|st| (d, st.sum().carrier, st)))
+        .carrier
+        .iter()
+        .flat_map(|c| c.domains.keys())
+        .filter_map(|d| {
+            wd.domains
+                .get(d.as_str())
+                .map(|st| (d, st.sum().carrier, st))
+        })
         .collect();
     domains.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(b.0)));
     let mut ev = DnsEvidence::default();
@@ -946,6 +1161,112 @@ pub fn build_message(
 mod tests {
     use super::*;
     use crate::detect::Phase;
+
+    #[test]
+    fn one_name_inline_promoted_on_a_second_and_back_on_expiry() {
+        let mut n = Names::default();
+        assert_eq!(n.len(), 0);
+        assert!(n.get_mut(1).is_none());
+        n.insert(1, 10);
+        assert!(matches!(n, Names::One { .. }), "one name needs no table");
+        *n.get_mut(1).unwrap() = 20;
+        assert!(n.get_mut(2).is_none());
+        // A second distinct name: the table, with both.
+        n.insert(2, 30);
+        assert!(matches!(n, Names::Many(_)));
+        assert_eq!(n.len(), 2);
+        assert_eq!(*n.get_mut(1).unwrap(), 20, "first name's time kept");
+        assert_eq!(*n.get_mut(2).unwrap(), 30);
+        n.insert(3, 40);
+        assert_eq!(n.len(), 3);
+        // Window expiry: names last seen before 30 go; back to inline.
+        n.retain_since(31);
+        assert!(
+            matches!(
+                n,
+                Names::One {
+                    fingerprint: 3,
+                    seen: 40
+                }
+            ),
+            "{n:?}"
+        );
+        n.retain_since(40);
+        assert_eq!(n.len(), 1, "seen at the window's first instant stays");
+        n.retain_since(41);
+        assert!(matches!(n, Names::Empty));
+        // And from the table straight to empty.
+        n.insert(1, 1);
+        n.insert(2, 1);
+        n.retain_since(2);
+        assert!(matches!(n, Names::Empty));
+    }
+
+    #[test]
+    fn buckets_newest_inline_older_queued_and_expired_in_order() {
+        let mut b = DnsBuckets::default();
+        assert!(b.is_empty());
+        assert!(!b.expire(100), "nothing to drop");
+        b.at(5).queries += 1;
+        b.at(5).queries += 1;
+        assert!(b.older.is_none(), "one bucket needs no queue");
+        b.at(7).queries += 10;
+        b.at(9).answers += 1;
+        let idx: Vec<u64> = b.iter().map(|x| x.idx).collect();
+        assert_eq!(idx, vec![5, 7, 9], "oldest first");
+        let rev: Vec<u64> = b.iter().rev().map(|x| x.idx).collect();
+        assert_eq!(rev, vec![9, 7, 5]);
+        assert_eq!(b.iter().map(|x| x.queries).sum::<u64>(), 12);
+        assert!(!b.expire(5), "bucket 5 is still in the window");
+        assert!(b.expire(6));
+        assert_eq!(b.iter().map(|x| x.idx).collect::<Vec<_>>(), vec![7, 9]);
+        assert!(b.expire(9));
+        assert!(b.older.is_none(), "queue dropped once empty");
+        assert_eq!(b.iter().map(|x| x.answers).sum::<u64>(), 1);
+        assert!(b.expire(10));
+        assert!(b.is_empty());
+        // Counts start from zero in a bucket made after expiry.
+        assert_eq!(b.at(10).queries, 0);
+    }
+
+    #[test]
+    fn compact_domain_state_counts_like_the_full_one() {
+        // One name asked again and again stays compact; a second name
+        // promotes it, and the counts and evidence are those of both.
+        let p = Policy::default();
+        let mut d = DnsDetector::new();
+        let srv = Some(SocketAddr::from(([10, 96, 0, 10], 53)));
+        for i in 0..3 {
+            d.observe_query(&p, "w", "www.example.com", RecordType::A, srv, i * NS)
+                .unwrap();
+        }
+        let st = d.workloads["w"].domains.get("example.com").unwrap();
+        assert!(matches!(st.names, Names::One { .. }));
+        assert_eq!(
+            (st.sum().queries, st.samples.len(), st.servers.len()),
+            (3, 1, 1)
+        );
+        assert!(!st.samples.spilled() && !st.servers.spilled());
+        let other = Some(SocketAddr::from(([10, 96, 0, 11], 53)));
+        d.observe_query(&p, "w", "api.example.com", RecordType::TXT, other, 3 * NS)
+            .unwrap();
+        let st = d.workloads["w"].domains.get("example.com").unwrap();
+        assert_eq!(st.names.len(), 2);
+        let s = st.sum();
+        assert_eq!((s.queries, s.unusual), (4, 1));
+        let ev = domain_evidence(st, &s, "example.com");
+        assert_eq!(ev.distinct_names, 2);
+        assert_eq!(
+            ev.sample_queries,
+            vec!["www.example.com".to_owned(), "api.example.com".to_owned()]
+        );
+        assert_eq!(st.servers.len(), 2);
+        // The window passes: the state is forgotten at evaluation.
+        let window = p.dns.window.0.as_nanos() as u64;
+        assert!(d.evaluate(&p, 4 * NS).is_empty());
+        assert!(d.evaluate(&p, 4 * NS + window + 61 * NS).is_empty());
+        assert_eq!(d.stats().keys, 0);
+    }
 
     fn q(name: &str, t: RecordType) -> Vec<u8> {
         build_message(7, name, t, None).unwrap()

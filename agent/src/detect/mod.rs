@@ -3,13 +3,17 @@
 //! wall clock themselves, so the live agent and `analyze --pcap` share them and
 //! the tests drive them with constructed inputs.
 pub mod dns;
+mod small_map;
 pub mod volume;
 
-use std::{collections::HashMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
 
 use serde::Serialize;
 
-use crate::policy::Action;
+use crate::policy::{Action, WorkloadMeta};
 
 /// Nanoseconds per second.
 pub const NS: u64 = 1_000_000_000;
@@ -147,6 +151,28 @@ pub struct Detection {
     pub action: Action,
     /// The evidence.
     pub evidence: Evidence,
+}
+
+/// A workload's namespace and labels as the detectors keep them, once per
+/// workload: boxed, and nothing at all for a workload with neither (every
+/// workload until the Pod watch names it, and every one outside
+/// Kubernetes).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(crate) struct Meta(Option<Box<WorkloadMeta>>);
+
+static NO_META: WorkloadMeta = WorkloadMeta {
+    namespace: None,
+    labels: BTreeMap::new(),
+};
+
+impl Meta {
+    pub(crate) fn new(meta: &WorkloadMeta) -> Self {
+        Self((*meta != NO_META).then(|| Box::new(meta.clone())))
+    }
+
+    pub(crate) fn get(&self) -> &WorkloadMeta {
+        self.0.as_deref().unwrap_or(&NO_META)
+    }
 }
 
 /// Start/update/end bookkeeping per (rule, workload, subject).
@@ -305,6 +331,20 @@ mod tests {
         assert_eq!(e.step(k, false, 0.0, 31, 10), Some((Phase::End, 1)));
         assert_eq!(e.len(), 0);
         assert_eq!(e.step(k, true, 1.0, 40, 10), Some((Phase::Start, 2)));
+    }
+
+    #[test]
+    fn meta_is_kept_boxed_and_only_when_set() {
+        let none = Meta::new(&WorkloadMeta::default());
+        assert!(none.0.is_none());
+        assert_eq!(*none.get(), WorkloadMeta::default());
+        let set = WorkloadMeta {
+            namespace: Some("data".into()),
+            labels: [("app".to_owned(), "etl".to_owned())].into(),
+        };
+        let m = Meta::new(&set);
+        assert_eq!(*m.get(), set);
+        assert_ne!(m, none);
     }
 
     #[test]

@@ -2,82 +2,101 @@
 //! destination, and a minute-over-baseline spike. Fed with per-poll deltas;
 //! evaluated after each poll, so a crossing is reported within one poll.
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{BTreeSet, HashMap, VecDeque},
     net::IpAddr,
 };
 
-use super::{Destination, Detection, Episodes, Evidence, NS, Rule};
-
-/// Maps keyed by what workloads choose (destinations): foldhash, seeded per
-/// process.
-type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+use super::{
+    Destination, Detection, Episodes, Evidence, Meta, NS, Rule,
+    small_map::{Keyed, SmallMap},
+};
 use crate::policy::{Policy, WorkloadMeta};
 
 /// A sliding window of byte counts in fixed-width buckets.
 ///
-/// The newest bucket is held inline and older ones in a boxed queue made
-/// only when a second bucket is used: most destinations of most workloads
-/// are seen within one bucket, and with 10,000 workloads × tens of
-/// destinations this is most of the detector's memory.
+/// The newest bucket is held inline and older ones (with their sum) in a
+/// boxed queue made only when a second bucket is used: most destinations
+/// of most workloads are seen within one bucket, and with 10,000 workloads
+/// × tens of destinations this is most of the detector's memory.
 #[derive(Debug, Default, Clone)]
 struct Buckets {
     /// (index, bytes) of the newest bucket; bytes 0 when there is none.
     last: (u64, u64),
-    /// Older buckets, oldest first.
-    #[expect(
-        clippy::box_collection,
-        reason = "8 bytes inline instead of 32 in every destination, most of which never need it"
-    )]
-    older: Option<Box<VecDeque<(u64, u64)>>>,
+    /// Older buckets.
+    older: Option<Box<Older>>,
+}
+
+/// Buckets before the newest, oldest first, and their bytes.
+#[derive(Debug, Default, Clone)]
+struct Older {
+    queue: VecDeque<(u64, u64)>,
     sum: u64,
 }
 
 impl Buckets {
+    /// Bytes in the window.
+    fn sum(&self) -> u64 {
+        self.last.1 + self.older.as_ref().map_or(0, |o| o.sum)
+    }
+
     fn add(&mut self, idx: u64, bytes: u64) {
         if self.last.1 > 0 && self.last.0 != idx {
-            self.older.get_or_insert_default().push_back(self.last);
+            let older = self.older.get_or_insert_default();
+            older.queue.push_back(self.last);
+            older.sum += self.last.1;
             self.last = (idx, 0);
         }
         self.last.0 = idx;
         self.last.1 += bytes;
-        self.sum += bytes;
     }
 
     /// Drops buckets older than `first` (the oldest index still in the window).
     fn expire(&mut self, first: u64) {
         if let Some(older) = &mut self.older {
-            while let Some(&(i, b)) = older.front() {
+            while let Some(&(i, b)) = older.queue.front() {
                 if i >= first {
                     break;
                 }
-                self.sum -= b;
-                older.pop_front();
+                older.sum -= b;
+                older.queue.pop_front();
             }
-            if older.is_empty() {
+            if older.queue.is_empty() {
                 self.older = None;
             }
         }
         if self.last.1 > 0 && self.last.0 < first {
-            self.sum -= self.last.1;
             self.last = (0, 0);
         }
     }
 }
 
 /// One destination's window, and whether it was sent to since the last
-/// evaluation.
-#[derive(Debug, Default, Clone)]
+/// evaluation. Carries its own key, so a workload's few destinations are a
+/// sorted vector of these (48 bytes each).
+#[derive(Debug, Clone)]
 struct Dest {
     bytes: Buckets,
+    to: (IpAddr, u16),
     dirty: bool,
+}
+
+impl Keyed for Dest {
+    type Key = (IpAddr, u16);
+    type Owned = (IpAddr, u16);
+    fn key(&self) -> &(IpAddr, u16) {
+        &self.to
+    }
+    fn owned_key(&self) -> (IpAddr, u16) {
+        self.to
+    }
 }
 
 #[derive(Debug, Default)]
 struct Workload {
-    meta: WorkloadMeta,
+    meta: Meta,
     counted: Buckets,
     allowlisted: Buckets,
-    dests: Map<(IpAddr, u16), Dest>,
+    dests: SmallMap<Dest>,
     minute: u64,
     minute_bytes: u64,
     prev_minute_spiked: bool,
@@ -85,7 +104,9 @@ struct Workload {
     learned_minutes: u32,
     last_seen_ns: u64,
     first_seen_ns: u64,
-    open_dests: HashSet<String>,
+    /// Destinations (`addr:port`) with an open episode (empty for almost
+    /// every workload: a B-tree set allocates nothing then).
+    open_dests: BTreeSet<String>,
     /// Some destination was sent to since the last evaluation.
     dirty_dests: bool,
     /// Oldest bucket index kept at the last expiry: expiry only has work
@@ -150,7 +171,7 @@ impl VolumeDetector {
                 .workloads
                 .entry(workload.to_owned())
                 .or_insert_with(|| Workload {
-                    meta: meta.clone(),
+                    meta: Meta::new(meta),
                     minute: now_ns / MINUTE,
                     first_seen_ns: now_ns,
                     ..Default::default()
@@ -160,7 +181,7 @@ impl VolumeDetector {
         let allow = policy.allowlisted_addr(remote)
             || (!policy.overrides.is_empty()
                 && policy
-                    .effective(&w.meta)
+                    .effective(w.meta.get())
                     .extra_cidrs
                     .iter()
                     .any(|n| n.contains(&remote)));
@@ -169,7 +190,11 @@ impl VolumeDetector {
             return;
         }
         w.counted.add(idx, bytes);
-        let d = w.dests.entry((remote, port)).or_default();
+        let d = w.dests.get_or_insert_with(&(remote, port), || Dest {
+            bytes: Buckets::default(),
+            to: (remote, port),
+            dirty: false,
+        });
         d.bytes.add(idx, bytes);
         d.dirty = true;
         w.dirty_dests = true;
@@ -190,28 +215,28 @@ impl VolumeDetector {
                 w.expired_to = first;
                 w.counted.expire(first);
                 w.allowlisted.expire(first);
-                w.dests.retain(|_, d| {
+                w.dests.retain(|d| {
                     d.bytes.expire(first);
-                    d.bytes.sum > 0
+                    d.bytes.sum() > 0
                 });
             }
             roll_minute(policy, w, now_ns);
-            let eff = policy.effective(&w.meta);
+            let eff = policy.effective(w.meta.get());
             // Top destinations are sorted only when a detection needs them.
-            let top = |dests: &Map<(IpAddr, u16), Dest>| {
+            let top = |dests: &SmallMap<Dest>| {
                 let mut top: Vec<Destination> = dests
-                    .iter()
-                    .map(|(&(addr, port), d)| Destination {
-                        addr,
-                        port,
-                        bytes: d.bytes.sum,
+                    .values()
+                    .map(|d| Destination {
+                        addr: d.to.0,
+                        port: d.to.1,
+                        bytes: d.bytes.sum(),
                     })
                     .collect();
                 top.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.addr.cmp(&b.addr)));
                 top.truncate(TOP);
                 top
             };
-            let (allowlisted_bytes, first_seen) = (w.allowlisted.sum, w.first_seen_ns);
+            let (allowlisted_bytes, first_seen) = (w.allowlisted.sum(), w.first_seen_ns);
             let evidence = move |bytes: u64, top: &[Destination]| Evidence {
                 window_start_ns: now_ns.saturating_sub(window_ns).max(first_seen),
                 window_end_ns: now_ns,
@@ -224,7 +249,7 @@ impl VolumeDetector {
             let secs = policy.volume.window.0.as_secs();
             // The runbook's rule is `increase(...) > threshold`: exactly at
             // the threshold does not fire.
-            let total = w.counted.sum;
+            let total = w.counted.sum();
             if let Some((phase, episode)) = self.episodes.step(
                 (Rule::LargeDataTransfer, name, None),
                 total > eff.threshold_bytes,
@@ -252,12 +277,13 @@ impl VolumeDetector {
             // since left the window (they end).
             let mut subjects: Vec<(String, Destination)> = Vec::new();
             if std::mem::take(&mut w.dirty_dests) {
-                for (&(addr, port), d) in &mut w.dests {
-                    if std::mem::take(&mut d.dirty) && d.bytes.sum > eff.per_destination_bytes {
+                for d in w.dests.values_mut() {
+                    if std::mem::take(&mut d.dirty) && d.bytes.sum() > eff.per_destination_bytes {
+                        let (addr, port) = d.to;
                         let dest = Destination {
                             addr,
                             port,
-                            bytes: d.bytes.sum,
+                            bytes: d.bytes.sum(),
                         };
                         subjects.push((format!("{}:{}", fmt_addr(addr), port), dest));
                     }
@@ -266,7 +292,7 @@ impl VolumeDetector {
             for s in &w.open_dests {
                 if !subjects.iter().any(|(k, _)| k == s) {
                     let (addr, port) = parse_subject(s);
-                    let bytes = w.dests.get(&(addr, port)).map_or(0, |d| d.bytes.sum);
+                    let bytes = w.dests.get(&(addr, port)).map_or(0, |d| d.bytes.sum());
                     subjects.push((s.clone(), Destination { addr, port, bytes }));
                 }
             }
@@ -329,7 +355,7 @@ impl VolumeDetector {
                 });
             }
             if now_ns.saturating_sub(w.last_seen_ns) > IDLE_NS
-                && w.counted.sum == 0
+                && w.counted.sum() == 0
                 && w.open_dests.is_empty()
             {
                 forget.push(name.clone());
@@ -412,22 +438,22 @@ mod tests {
         let mut b = Buckets::default();
         b.add(5, 10);
         b.add(5, 5);
-        assert_eq!(b.sum, 15);
+        assert_eq!(b.sum(), 15);
         assert!(b.older.is_none(), "one bucket needs no queue");
         b.add(7, 1);
         b.add(9, 100);
-        assert_eq!(b.sum, 116);
+        assert_eq!(b.sum(), 116);
         b.expire(6);
-        assert_eq!(b.sum, 101);
+        assert_eq!(b.sum(), 101);
         b.expire(8);
-        assert_eq!(b.sum, 100);
+        assert_eq!(b.sum(), 100);
         assert!(b.older.is_none(), "queue dropped once empty");
         b.expire(9);
-        assert_eq!(b.sum, 100);
+        assert_eq!(b.sum(), 100);
         b.expire(10);
-        assert_eq!(b.sum, 0);
+        assert_eq!(b.sum(), 0);
         b.add(10, 3);
-        assert_eq!((b.sum, b.last), (3, (10, 3)));
+        assert_eq!((b.sum(), b.last), (3, (10, 3)));
         assert!(b.older.is_none());
     }
     use crate::detect::Phase;
