@@ -25,6 +25,7 @@ pub mod json;
 pub mod k8s;
 pub mod node_policy;
 pub mod report;
+pub mod retry;
 pub mod server;
 pub mod store;
 pub mod time;

@@ -21,7 +21,7 @@ use crate::{
     ingest::Ingestor,
     k8s::{
         Containment, ContainmentConfig, LockdownOptions,
-        respond::{Responder, Retry},
+        respond::{self, Responder},
     },
     store::{Store, sqlite::SqliteStore},
 };
@@ -246,7 +246,7 @@ pub async fn serve(
             store.clone(),
             hub.clone(),
             config.lockdown.clone(),
-            Retry::default(),
+            respond::RETRY,
         );
         _responder = AbortOnDrop(Some(responder.clone().start()));
         // Puts back what a restart interrupted; in the background, so the
@@ -259,7 +259,7 @@ pub async fn serve(
         crate::evidence::capture::Capturer::new(
             store.clone(),
             client.clone(),
-            crate::evidence::capture::Retry::default(),
+            crate::evidence::capture::RETRY,
         )
         .spawn(hub.subscribe());
     }

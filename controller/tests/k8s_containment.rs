@@ -15,7 +15,7 @@ use kube::{Client, client::Body};
 use serde_json::{Value, json};
 use support::{
     kube_mock::{Expect, Handle, expect, ok, serve, status},
-    kube_real::{TestNamespace, real_cluster},
+    kube_real::{TestNamespace, real_cluster, web_pod},
 };
 use tonic::codegen::http::{Method, Request, Response, StatusCode};
 use tower_test::mock;
@@ -570,19 +570,12 @@ async fn real_cluster_lockdown_then_release() {
     };
     let ns = TestNamespace::create(&client).await;
     let pods = kube::Api::<Pod>::namespaced(client.clone(), &ns.name);
-    let make = |name: &str| -> Pod {
-        serde_json::from_value(json!({
-            "metadata": {"name": name, "labels": {"app": "web"}},
-            "spec": {"containers": [{"name": "app", "image": "registry.k8s.io/pause:3.10"}]},
-        }))
-        .unwrap()
-    };
     let web = pods
-        .create(&Default::default(), &make("web-0"))
+        .create(&Default::default(), &web_pod("web-0"))
         .await
         .unwrap();
     // A replica with the same app label: containment must not touch it.
-    pods.create(&Default::default(), &make("web-1"))
+    pods.create(&Default::default(), &web_pod("web-1"))
         .await
         .unwrap();
     let uid = web.metadata.uid.clone().unwrap();

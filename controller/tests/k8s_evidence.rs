@@ -4,6 +4,8 @@
 //! SQLite store; the pod-gone, replaced-pod and API-failure paths with their
 //! timeline entries. The last test runs the capture against a real API
 //! server when `KUBECONFIG` is set.
+mod support;
+
 use std::{pin::pin, sync::Arc, time::Duration};
 
 use exfilguard_controller::{
@@ -18,6 +20,7 @@ use exfilguard_controller::{
 use exfilguard_proto::v1::{Detection, EvidenceItem, Incident, Severity, Workload};
 use kube::{Client, client::Body};
 use serde_json::{Value, json};
+use support::kube_real::real_cluster;
 use tonic::codegen::http::{Method, Request, Response, StatusCode};
 use tower_test::mock;
 
@@ -54,6 +57,21 @@ fn failure(code: u16, reason: &str) -> String {
     .to_string()
 }
 
+fn parse_query(q: Option<&str>) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = q
+        .unwrap_or_default()
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Percent-decoding of query values (field selectors carry `=` and `,`).
 fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::new();
@@ -76,20 +94,6 @@ fn percent_decode(s: &str) -> String {
         }
     }
     String::from_utf8(out).unwrap()
-}
-
-fn parse_query(q: Option<&str>) -> Vec<(String, String)> {
-    let mut v: Vec<(String, String)> = q
-        .unwrap_or_default()
-        .split('&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (percent_decode(k), percent_decode(v))
-        })
-        .collect();
-    v.sort();
-    v
 }
 
 /// Serves `script` in order, checking each request, then checks that the
@@ -470,24 +474,6 @@ async fn bad_names_are_refused_before_any_request() {
     }
     drop(pods);
     server.await.unwrap();
-}
-
-/// The real API server, when `KUBECONFIG` is set: `None` (and a printed
-/// reason) otherwise.
-async fn real_cluster(test: &str) -> Option<Client> {
-    if std::env::var_os("KUBECONFIG").is_none_or(|v| v.is_empty()) {
-        use std::io::Write as _;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED {test}: KUBECONFIG is not set (set it to run against a real API server)"
-        );
-        return None;
-    }
-    Some(
-        Client::try_default()
-            .await
-            .unwrap_or_else(|e| panic!("KUBECONFIG is set but no client: {e}")),
-    )
 }
 
 #[tokio::test]

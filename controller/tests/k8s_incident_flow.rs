@@ -26,7 +26,7 @@ use kube::{Client, client::Body};
 use serde_json::{Value, json};
 use support::{
     kube_mock::{Expect, Handle, answer_unordered, expect, no_request_but, ok},
-    kube_real::{TestNamespace, real_cluster},
+    kube_real::{TestNamespace, real_cluster, web_pod},
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -107,6 +107,24 @@ impl Stack {
             .await
             .unwrap()
             .into_inner()
+    }
+
+    /// The id of the first incident, once there is one (for responses that
+    /// send the agent nothing to learn it from).
+    async fn first_incident(&self) -> String {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let list = IncidentsClient::new(self.channel.clone())
+                .list_incidents(exfilguard_proto::v1::ListIncidentsRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            if let Some(i) = list.incidents.first() {
+                return i.id.clone();
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no incident opened");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Waits until the incident's timeline has an entry containing `text`.
@@ -450,17 +468,7 @@ async fn dry_run_records_the_plan_and_writes_nothing() {
     let agent = Agent::open(stack.channel.clone()).await;
     agent.detect(1, "shop").await;
     // No Block, no API call: find the incident by listing.
-    let id = loop {
-        let list = IncidentsClient::new(stack.channel.clone())
-            .list_incidents(exfilguard_proto::v1::ListIncidentsRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
-        if let Some(i) = list.incidents.first() {
-            break i.id.clone();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let id = stack.first_incident().await;
     let entry = stack.timeline_entry(&id, "dry-run: kubernetes").await;
     assert_eq!(
         entry,
@@ -484,17 +492,7 @@ async fn protected_namespace_is_left_alone_and_says_so() {
     let mut stack = Stack::start(PolicyAction::Lockdown).await;
     let agent = Agent::open(stack.channel.clone()).await;
     agent.detect(1, "kube-system").await;
-    let id = loop {
-        let list = IncidentsClient::new(stack.channel.clone())
-            .list_incidents(exfilguard_proto::v1::ListIncidentsRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
-        if let Some(i) = list.incidents.first() {
-            break i.id.clone();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let id = stack.first_incident().await;
     stack
         .timeline_entry(
             &id,
@@ -522,18 +520,11 @@ async fn real_cluster_incident_lockdown_then_release() {
     let ns = TestNamespace::create(&client).await;
     let pods = kube::Api::<Pod>::namespaced(client.clone(), &ns.name);
     let policies = kube::Api::<NetworkPolicy>::namespaced(client.clone(), &ns.name);
-    let make = |name: &str| -> Pod {
-        serde_json::from_value(json!({
-            "metadata": {"name": name, "labels": {"app": "web"}},
-            "spec": {"containers": [{"name": "app", "image": "registry.k8s.io/pause:3.10"}]},
-        }))
-        .unwrap()
-    };
     let web = pods
-        .create(&Default::default(), &make("web-0"))
+        .create(&Default::default(), &web_pod("web-0"))
         .await
         .unwrap();
-    pods.create(&Default::default(), &make("web-1"))
+    pods.create(&Default::default(), &web_pod("web-1"))
         .await
         .unwrap();
     let uid = web.metadata.uid.clone().unwrap();

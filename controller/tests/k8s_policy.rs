@@ -4,6 +4,8 @@
 //! the whole controller served on loopback with a real gRPC agent stream,
 //! where an ExfilPolicy event must reach the agent within 2 s. The last test
 //! runs the same flow against a real API server when `KUBECONFIG` is set.
+mod support;
+
 use std::{
     collections::VecDeque,
     pin::pin,
@@ -21,6 +23,7 @@ use exfilguard_proto::v1::{
 };
 use kube::{Client, client::Body};
 use serde_json::{Value, json};
+use support::{kube_mock::parse_query, kube_real::real_cluster};
 use tokio::sync::{mpsc, watch};
 use tonic::codegen::http::{Method, Request, Response, StatusCode};
 use tower_test::mock;
@@ -46,20 +49,6 @@ struct Write {
     query: Vec<(String, String)>,
     content_type: Option<String>,
     body: Value,
-}
-
-fn parse_query(q: Option<&str>) -> Vec<(String, String)> {
-    let mut v: Vec<(String, String)> = q
-        .unwrap_or_default()
-        .split('&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (k.to_owned(), v.to_owned())
-        })
-        .collect();
-    v.sort();
-    v
 }
 
 fn respond(tx: Responder, code: StatusCode, body: Vec<u8>) {
@@ -509,24 +498,6 @@ async fn an_exfilpolicy_event_reaches_a_connected_agent_over_grpc_within_2s() {
         .expect("server stops")
         .unwrap()
         .unwrap();
-}
-
-/// The real API server, when `KUBECONFIG` is set: `None` (and a printed
-/// reason) otherwise.
-async fn real_cluster(test: &str) -> Option<Client> {
-    if std::env::var_os("KUBECONFIG").is_none_or(|v| v.is_empty()) {
-        use std::io::Write as _;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED {test}: KUBECONFIG is not set (set it to run against a real API server)"
-        );
-        return None;
-    }
-    Some(
-        Client::try_default()
-            .await
-            .unwrap_or_else(|e| panic!("KUBECONFIG is set but no client: {e}")),
-    )
 }
 
 #[tokio::test]

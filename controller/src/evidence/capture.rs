@@ -17,23 +17,14 @@ use crate::{Result, k8s::evidence::PodEvidence, store::Store, time::now_ms};
 /// Timeline actor of capture entries.
 const ACTOR: &str = "controller (evidence)";
 
-/// How often a failed capture is tried again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Retry {
-    /// Attempts in all (at least 1).
-    pub attempts: u32,
-    /// Wait before the second attempt; doubles after each failure.
-    pub first_backoff: Duration,
-}
+pub use crate::retry::Retry;
 
-impl Default for Retry {
-    fn default() -> Self {
-        Self {
-            attempts: 4,
-            first_backoff: Duration::from_secs(2),
-        }
-    }
-}
+/// The capture's retries: 2, 4, 8 s apart (the API server may be briefly
+/// away; the incident does not wait for it).
+pub const RETRY: Retry = Retry {
+    attempts: 4,
+    first_backoff: Duration::from_secs(2),
+};
 
 /// Captures pod evidence into the store.
 #[derive(Clone)]
@@ -121,8 +112,7 @@ impl Capturer {
             return;
         };
         let id = incident.id.as_str();
-        let attempts = self.retry.attempts.max(1);
-        let mut backoff = self.retry.first_backoff;
+        let attempts = self.retry.attempts();
         for attempt in 1..=attempts {
             match self
                 .pods
@@ -174,8 +164,7 @@ impl Capturer {
                         .await;
                         return;
                     }
-                    tokio::time::sleep(backoff).await;
-                    backoff = backoff.saturating_mul(2);
+                    tokio::time::sleep(self.retry.backoff(attempt)).await;
                 }
             }
         }

@@ -27,26 +27,14 @@ use crate::{
 /// Timeline actor of every entry written here.
 const ACTOR: &str = "controller/kubernetes";
 
-/// How often a failed API call is tried, and how long to wait before the
-/// second attempt (doubling after that).
-#[derive(Debug, Clone, Copy)]
-pub struct Retry {
-    /// Attempts in all (at least 1).
-    pub attempts: u32,
-    /// Wait before the second attempt.
-    pub first_backoff: Duration,
-}
+pub use crate::retry::Retry;
 
-impl Default for Retry {
-    fn default() -> Self {
-        // 0.5 + 1 + 2 s: a brief API server hiccup is ridden out while the
-        // in-kernel Block already holds the workload.
-        Self {
-            attempts: 4,
-            first_backoff: Duration::from_millis(500),
-        }
-    }
-}
+/// Containment's retries: 0.5 + 1 + 2 s, so a brief API server hiccup is
+/// ridden out while the in-kernel Block already holds the workload.
+pub const RETRY: Retry = Retry {
+    attempts: 4,
+    first_backoff: Duration::from_millis(500),
+};
 
 /// Locks pods down and releases them on the hub's behalf.
 #[derive(Clone)]
@@ -221,15 +209,13 @@ impl Responder {
         F: Fn() -> Fut,
         Fut: Future<Output = super::Result<T>>,
     {
-        let mut backoff = self.retry.first_backoff;
-        let attempts = self.retry.attempts.max(1);
+        let attempts = self.retry.attempts();
         for attempt in 1..=attempts {
             match call().await {
                 Ok(v) => return Ok(v),
                 Err(e) if attempt < attempts && is_transient(&e) => {
                     tracing::warn!(what, attempt, error = %e, "kubernetes call failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 2;
+                    tokio::time::sleep(self.retry.backoff(attempt)).await;
                 }
                 Err(e) => return Err((e, attempt)),
             }

@@ -66,7 +66,8 @@ impl Expect {
     }
 }
 
-fn parse_query(q: Option<&str>) -> Vec<(String, String)> {
+/// A request's query parameters, sorted.
+pub fn parse_query(q: Option<&str>) -> Vec<(String, String)> {
     let mut v: Vec<(String, String)> = q
         .unwrap_or_default()
         .split('&')

@@ -78,3 +78,13 @@ impl Drop for TestNamespace {
         }
     }
 }
+
+/// A pod labelled `app: web` running the pause image: two of them are two
+/// replicas of one workload.
+pub fn web_pod(name: &str) -> k8s_openapi::api::core::v1::Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"app": "web"}},
+        "spec": {"containers": [{"name": "app", "image": "registry.k8s.io/pause:3.10"}]},
+    }))
+    .unwrap()
+}
