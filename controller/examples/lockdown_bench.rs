@@ -135,8 +135,10 @@ async fn main() -> anyhow::Result<()> {
         lockdown: Default::default(),
         duties: KubeDuties {
             exfilpolicies: false,
+            incidents: false,
             ..Default::default()
         },
+        namespace: "exfilguard-system".into(),
     };
     tokio::spawn(server::serve(config, listener, std::future::pending()));
 

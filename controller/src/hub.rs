@@ -37,6 +37,9 @@ pub struct Hub {
     policy: Mutex<Option<PolicyUpdate>>,
     /// Cluster containment ([`crate::k8s::respond`]), when running in a cluster.
     cluster: OnceLock<mpsc::UnboundedSender<Effect>>,
+    /// Replicas share incidents: an agent away from this replica is
+    /// connected to another, which sends its commands.
+    replicated: std::sync::atomic::AtomicBool,
 }
 
 /// A node's registration; unregisters when dropped (the stream ended).
@@ -66,6 +69,7 @@ impl Hub {
             events,
             policy: Mutex::new(None),
             cluster: OnceLock::new(),
+            replicated: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -75,6 +79,17 @@ impl Hub {
         if self.cluster.set(responder).is_err() {
             tracing::warn!("a cluster responder is already connected; keeping the first");
         }
+    }
+
+    /// Marks the incidents as shared with other replicas: a command for an
+    /// agent not connected here is left to the replica it is connected to
+    /// (which gets it from the shared incident), without a timeline note.
+    pub fn set_replicated(&self) {
+        self.replicated.store(true, Ordering::Relaxed);
+    }
+
+    fn away(&self) -> bool {
+        self.replicated.load(Ordering::Relaxed)
     }
 
     /// Registers `node`'s stream; ALREADY_EXISTS if it has one.
@@ -165,7 +180,8 @@ impl Hub {
                 }
                 Effect::Block { node, block } => {
                     let id = block.incident_id.clone();
-                    if !self.send(&node, controller_message::Payload::Block(*block)) {
+                    if !self.send(&node, controller_message::Payload::Block(*block)) && !self.away()
+                    {
                         self.note(store, &id, &format!("agent on {node} is not connected; the Block is sent when it reconnects"));
                     }
                 }
@@ -177,7 +193,9 @@ impl Hub {
                 }
                 Effect::Unblock { node, unblock } => {
                     let id = unblock.incident_id.clone();
-                    if !self.send(&node, controller_message::Payload::Unblock(unblock)) {
+                    if !self.send(&node, controller_message::Payload::Unblock(unblock))
+                        && !self.away()
+                    {
                         self.note(store, &id, &format!("agent on {node} is not connected; it drops the Block when it reconnects (no longer re-sent)"));
                     }
                 }

@@ -23,7 +23,7 @@ use crate::{
         Containment, ContainmentConfig, LockdownOptions,
         respond::{self, Responder},
     },
-    store::{Store, sqlite::SqliteStore},
+    store::{Store, kube::KubeStore, sqlite::SqliteStore},
 };
 
 /// Certificate files for mutual TLS.
@@ -66,6 +66,8 @@ pub struct ServerConfig {
     pub lockdown: LockdownOptions,
     /// Which of the Kubernetes duties this controller takes on.
     pub duties: KubeDuties,
+    /// Namespace of the controller's own objects (`ExfilIncident`s).
+    pub namespace: String,
 }
 
 /// The controller's Kubernetes duties, each on by default; switching one
@@ -78,6 +80,9 @@ pub struct KubeDuties {
     pub evidence: bool,
     /// Reconcile ExfilPolicy objects into the agents' policy (needs the CRD).
     pub exfilpolicies: bool,
+    /// Keep incidents in `ExfilIncident` objects, shared by every replica
+    /// (needs the CRD); off: each replica has only its SQLite file.
+    pub incidents: bool,
 }
 
 impl Default for KubeDuties {
@@ -86,6 +91,7 @@ impl Default for KubeDuties {
             containment: true,
             evidence: true,
             exfilpolicies: true,
+            incidents: true,
         }
     }
 }
@@ -107,6 +113,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("kube", &self.kube.is_some())
             .field("lockdown", &self.lockdown)
             .field("duties", &self.duties)
+            .field("namespace", &self.namespace)
             .finish()
     }
 }
@@ -211,6 +218,47 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// The store: the SQLite file alone, or, when incidents are kept in the
+/// cluster, the SQLite file as this replica's working copy under the
+/// `ExfilIncident` objects (with the task that follows the other replicas).
+fn open_store(
+    config: &ServerConfig,
+    local: SqliteStore,
+    hub: &Arc<Hub>,
+) -> (Arc<dyn Store>, AbortOnDrop) {
+    let Some(client) = config.kube.as_ref().filter(|_| config.duties.incidents) else {
+        return (Arc::new(local), AbortOnDrop(None));
+    };
+    let (kube_store, mut merged) = KubeStore::new(
+        local,
+        client.clone(),
+        &config.namespace,
+        tokio::runtime::Handle::current(),
+    );
+    // An agent is connected to one replica; the others skip its commands
+    // quietly instead of noting that it is away.
+    hub.set_replicated();
+    let store: Arc<dyn Store> = kube_store.clone();
+    let (pump_store, pump_hub) = (store.clone(), hub.clone());
+    let pump = tokio::spawn(async move {
+        while let Some(effects) = merged.recv().await {
+            let (store, hub) = (pump_store.clone(), pump_hub.clone());
+            let _ = tokio::task::spawn_blocking(move || hub.apply(store.as_ref(), effects)).await;
+        }
+    });
+    let follow = kube_store.spawn();
+    tracing::info!(namespace = %config.namespace, "incidents kept in ExfilIncident objects");
+    (
+        store,
+        AbortOnDrop(Some(tokio::spawn(async move {
+            // Both stop when this is aborted (the server returned).
+            let _pump = AbortOnDrop(Some(pump));
+            let _follow = AbortOnDrop(Some(follow));
+            std::future::pending::<()>().await;
+        }))),
+    )
+}
+
 /// Serves until `shutdown` resolves.
 pub async fn serve(
     config: ServerConfig,
@@ -223,11 +271,11 @@ pub async fn serve(
         AuthMode::Insecure
     };
     let db = config.db.clone();
-    let store: Arc<dyn Store> = tokio::task::spawn_blocking(move || SqliteStore::open(&db))
+    let local = tokio::task::spawn_blocking(move || SqliteStore::open(&db))
         .await
-        .map_err(|e| Error::Unavailable(format!("store task: {e}")))?
-        .map(Arc::new)?;
+        .map_err(|e| Error::Unavailable(format!("store task: {e}")))??;
     let hub = Hub::new(1024);
+    let (store, _replication) = open_store(&config, local, &hub);
     // Stops with the server, however `serve` returns.
     let _reconciler = AbortOnDrop(start_agent_policy(&config, &hub)?);
     let mut policy = config.policy.clone();

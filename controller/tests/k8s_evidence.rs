@@ -568,8 +568,10 @@ async fn the_server_captures_after_the_ack_and_never_delays_it() {
         lockdown: Default::default(),
         duties: KubeDuties {
             exfilpolicies: false,
+            incidents: false,
             ..Default::default()
         },
+        namespace: "exfilguard-system".into(),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(server::serve(config, listener, async {

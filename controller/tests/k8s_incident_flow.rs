@@ -78,8 +78,10 @@ impl Stack {
             lockdown: Default::default(),
             duties: KubeDuties {
                 exfilpolicies: false,
+                incidents: false,
                 ..Default::default()
             },
+            namespace: "exfilguard-system".into(),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(async move {

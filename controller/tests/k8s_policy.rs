@@ -431,7 +431,11 @@ async fn an_exfilpolicy_event_reaches_a_connected_agent_over_grpc_within_2s() {
         kube: Some(Client::new(svc, "default")),
         file: Default::default(),
         lockdown: Default::default(),
-        duties: Default::default(),
+        duties: exfilguard_controller::server::KubeDuties {
+            incidents: false,
+            ..Default::default()
+        },
+        namespace: "exfilguard-system".into(),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve(config, listener, async {

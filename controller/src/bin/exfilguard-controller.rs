@@ -76,6 +76,9 @@ enum Duty {
     Evidence,
     /// Reconcile ExfilPolicy objects into the agents' policy (needs the CRD).
     Exfilpolicies,
+    /// Keep incidents in ExfilIncident objects shared by every controller
+    /// replica (needs the CRD).
+    Incidents,
 }
 
 /// Whether to talk to the Kubernetes API.
@@ -169,9 +172,13 @@ struct Serve {
         value_enum,
         env = "EXFILGUARD_KUBERNETES_DUTIES",
         value_delimiter = ',',
-        default_value = "containment,evidence,exfilpolicies"
+        default_value = "containment,evidence,exfilpolicies,incidents"
     )]
     kubernetes_duties: Vec<Duty>,
+    /// Namespace of the controller's own objects (ExfilIncidents); in a pod,
+    /// the pod's namespace from the downward API.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "exfilguard-system")]
+    namespace: String,
     /// Let a locked-down pod still reach cluster DNS (kube-system pods
     /// labelled k8s-app=kube-dns). Off by default: DNS is an exfiltration path.
     #[arg(long, env = "EXFILGUARD_LOCKDOWN_KEEP_DNS")]
@@ -309,7 +316,9 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
             containment: args.kubernetes_duties.contains(&Duty::Containment),
             evidence: args.kubernetes_duties.contains(&Duty::Evidence),
             exfilpolicies: args.kubernetes_duties.contains(&Duty::Exfilpolicies),
+            incidents: args.kubernetes_duties.contains(&Duty::Incidents),
         },
+        namespace: args.namespace,
     };
     server::serve(config, listener, shutdown_signal())
         .await

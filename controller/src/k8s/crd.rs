@@ -7,7 +7,6 @@
 //! is optional and an absent one keeps the cluster default. The CRD YAML under
 //! `deploy/crds/` is generated from these types (see [`crd_yaml`]) and a test
 //! fails when it drifts.
-use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, CustomResourceExt as _};
@@ -268,7 +267,9 @@ pub enum IncidentState {
     Open,
     /// Contained (lockdown in force).
     Contained,
-    /// Released or closed by a person.
+    /// A responder lifted the containment.
+    Released,
+    /// Closed without containment to lift.
     Resolved,
 }
 
@@ -281,21 +282,17 @@ pub struct IncidentWorkload {
     /// Pod name (empty outside Kubernetes).
     #[serde(default)]
     pub pod: String,
-    /// Pod UID, when known.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pod_uid: Option<String>,
     /// Node.
     #[serde(default)]
     pub node: String,
-    /// Controlling owner, `Kind/name`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub owner: Option<String>,
     /// cgroup path on the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup_path: Option<String>,
 }
 
-/// An incident: the facts fixed at detection.
+/// An incident: the facts fixed at detection. Every controller replica
+/// writes and reads incidents through these objects (`status.record` holds
+/// the whole incident; the other status fields are its readable summary).
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "exfilguard.io",
@@ -309,13 +306,15 @@ pub struct IncidentWorkload {
     doc = "A data-exfiltration incident and its timeline, shared by every controller replica.",
     printcolumn = r#"{"name":"Severity","type":"string","jsonPath":".spec.severity"}"#,
     printcolumn = r#"{"name":"State","type":"string","jsonPath":".status.state"}"#,
+    printcolumn = r#"{"name":"Namespace-Of-Pod","type":"string","jsonPath":".spec.workload.namespace"}"#,
     printcolumn = r#"{"name":"Pod","type":"string","jsonPath":".spec.workload.pod"}"#,
+    printcolumn = r#"{"name":"Bytes","type":"integer","jsonPath":".status.bytes"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 pub struct ExfilIncidentSpec {
     /// Incident id (`EXFIL-YYYYMMDD-HHMMSS-xxxx`).
     pub incident_id: String,
-    /// Severity (`critical`, `high`, `medium`, `low`).
+    /// Severity when opened (`critical`, `high`, `medium`, `low`).
     pub severity: String,
     /// Rule that opened it (`large_data_transfer`, `dns_exfiltration`, ...).
     pub rule: String,
@@ -330,13 +329,45 @@ pub struct ExfilIncidentSpec {
 pub struct TimelineEntry {
     /// When, RFC 3339 UTC.
     pub at: String,
-    /// What kind of entry (`detection`, `lockdown`, `alert`, `release`, ...).
-    pub kind: String,
+    /// The state the entry left the incident in.
+    pub state: String,
     /// What happened.
     pub message: String,
-    /// Who did it, for human actions.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub actor: Option<String>,
+    /// Who did it (`controller`, `agent:<node>`, a person).
+    pub actor: String,
+}
+
+/// One alert delivery.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DeliveryEntry {
+    /// The transition alerted (`opened`, `contained`, ...).
+    pub transition: String,
+    /// The sink's configured name.
+    pub sink: String,
+    /// `pending`, `delivered` or `failed`.
+    pub state: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last failure, if any.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_error: String,
+}
+
+/// One evidence item's identity.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct EvidenceDigest {
+    /// Kind (`pod`, `flows`, `dns`, `events`, ...).
+    pub kind: String,
+    /// SHA-256 of the stored content.
+    pub sha256: String,
+    /// Captured, RFC 3339 UTC.
+    pub captured: String,
+    /// Stored size in bytes.
+    pub size: u64,
+    /// Left out of `record` to keep the object under the size limit; the
+    /// replica that captured it still holds it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub omitted: bool,
 }
 
 /// The incident's changing state.
@@ -345,19 +376,37 @@ pub struct ExfilIncidentStatus {
     /// Where it stands.
     #[serde(default)]
     pub state: IncidentState,
-    /// Last detection, RFC 3339 UTC.
+    /// Current severity.
+    #[serde(default)]
+    pub severity: String,
+    /// Latest summary.
+    #[serde(default)]
+    pub summary: String,
+    /// Last change, RFC 3339 UTC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<String>,
-    /// External bytes attributed so far.
+    /// Largest external bytes estimate.
     #[serde(default)]
     pub bytes: u64,
-    /// Timeline, oldest first (bounded by the writer to stay well under the
-    /// object size limit).
+    /// Detections correlated into it.
+    #[serde(default)]
+    pub detections: u64,
+    /// Who acknowledged it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub acknowledged_by: String,
+    /// The newest timeline entries, oldest first (the whole timeline is in
+    /// `record`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub timeline: Vec<TimelineEntry>,
-    /// Extra facts by key (evidence digests, alert deliveries).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub annotations: BTreeMap<String, String>,
+    /// Alert deliveries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deliveries: Vec<DeliveryEntry>,
+    /// Evidence items.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evidence: Vec<EvidenceDigest>,
+    /// The whole incident (every row the store keeps), JSON, gzip, base64.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub record: String,
 }
 
 /// The CRD manifests of this module's resources, as one multi-document

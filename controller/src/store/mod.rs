@@ -5,6 +5,7 @@
 //! trait later. Every write method is one transaction: when it returns `Ok`
 //! the change is durable, which is what lets the gateway acknowledge.
 
+pub mod kube;
 pub mod sqlite;
 
 use exfilguard_proto::v1::{

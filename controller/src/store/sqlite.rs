@@ -9,6 +9,7 @@
 
 mod evidence;
 mod outbox;
+pub mod replica;
 
 use std::{path::Path, sync::Mutex};
 
@@ -675,7 +676,19 @@ impl Store for SqliteStore {
                 outcomes.push(IngestOutcome::Duplicate);
                 continue;
             }
+            // Another replica may have stored it before the agent moved here
+            // (its record merged into this store): a resend all the same.
+            let replicated = matches!(msg.payload, Payload::Detection(_))
+                && tx
+                    .prepare_cached(
+                        "SELECT EXISTS(SELECT 1 FROM detections WHERE node = ?1 AND seq = ?2)",
+                    )
+                    .and_then(|mut s| {
+                        s.query_row(params![msg.node, msg.seq], |r| r.get::<_, bool>(0))
+                    })
+                    .map_err(Error::store("known detection"))?;
             let effects = match &msg.payload {
+                _ if replicated => Vec::new(),
                 Payload::Flow(report) => {
                     Self::store_flow(&tx, msg, report)?;
                     Vec::new()
@@ -694,7 +707,11 @@ impl Store for SqliteStore {
                 ])
             })
             .map_err(Error::store("advance seq"))?;
-            outcomes.push(IngestOutcome::Stored(effects));
+            outcomes.push(if replicated {
+                IngestOutcome::Duplicate
+            } else {
+                IngestOutcome::Stored(effects)
+            });
         }
         tx.commit().map_err(Error::store("commit"))?;
         Ok(outcomes)

@@ -67,7 +67,13 @@ pub(super) fn insert(
     })
     .map_err(Error::store("insert evidence"))?;
     Ok(EvidenceItem {
-        item_id: format!("item/{}", tx.last_insert_rowid()),
+        // Named by content, not by row, so every replica names it alike.
+        item_id: format!(
+            "{}/{}-{}",
+            item.kind,
+            item.captured_ms,
+            b.sha256.get(..12).unwrap_or(&b.sha256)
+        ),
         kind: item.kind.clone(),
         captured_at_unix_ms: item.captured_ms,
         media_type: item.media_type.clone(),
@@ -96,7 +102,8 @@ pub(super) fn load(conn: &Connection, incident: &str) -> Result<Vec<EvidenceItem
                        0 AS origin, seq AS n
                   FROM detections WHERE incident_id = ?1
                 UNION ALL
-                SELECT 'item/' || n, kind, captured_ms, media_type, sha256, size, source, content,
+                SELECT kind || '/' || captured_ms || '-' || substr(sha256, 1, 12), kind,
+                       captured_ms, media_type, sha256, size, source, content,
                        note, original_size, original_sha256, 1, n
                   FROM evidence WHERE incident_id = ?1)
              ORDER BY captured_ms, origin, n",
