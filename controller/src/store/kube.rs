@@ -216,11 +216,16 @@ impl KubeStore {
                 Ok(mut d) => std::mem::take(&mut *d).into_iter().collect(),
                 Err(_) => return,
             };
-            for id in ids {
+            let mut ids = ids.into_iter();
+            while let Some(id) = ids.next() {
                 if let Err(e) = self.write(&id).await {
                     tracing::warn!(incident = %id, error = %e, "incident not written to the API server; retrying");
-                    self.mark_dirty([id]);
-                    // Back off until the next round.
+                    // Back off until the next round: put them back without
+                    // waking ourselves.
+                    if let Ok(mut d) = self.dirty.lock() {
+                        d.insert(id);
+                        d.extend(ids);
+                    }
                     break;
                 }
             }
@@ -740,5 +745,154 @@ impl Store for KubeStore {
         to_ms: u64,
     ) -> Result<Vec<EgressPoint>> {
         self.local.egress_series(workload_key, from_ms, to_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::replica::{EvidenceRow, IncidentRow};
+
+    fn record(evidence: Vec<EvidenceRow>) -> IncidentRecord {
+        IncidentRecord {
+            incident: IncidentRow {
+                id: "EXFIL-20261122-140312-7f3a".into(),
+                workload_key: "shop/db-0".into(),
+                node: "n1".into(),
+                namespace: "shop".into(),
+                workload: String::new(),
+                state: IncidentState::Contained as i32,
+                severity: 3,
+                kind: 1,
+                action: 2,
+                opened_ms: 1_795_356_192_000,
+                updated_ms: 1_795_356_192_000,
+                detection_count: 1,
+                bytes_estimate: 3,
+                summary: "s".into(),
+                acknowledged_by: String::new(),
+            },
+            timeline: Vec::new(),
+            detections: Vec::new(),
+            evidence,
+            alerts: Vec::new(),
+        }
+    }
+
+    /// An item whose content does not compress (pseudo-random bytes).
+    fn item(kind: &str, bytes: usize, seed: u64) -> EvidenceRow {
+        let mut x = seed | 1;
+        let content: Vec<u8> = (0..bytes)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        EvidenceRow {
+            kind: kind.into(),
+            captured_ms: seed,
+            media_type: "application/octet-stream".into(),
+            source: "test".into(),
+            content: base64::engine::general_purpose::STANDARD.encode(&content),
+            size: bytes as u64,
+            sha256: format!("{seed:064x}"),
+            note: String::new(),
+            original_size: bytes as u64,
+            original_sha256: format!("{seed:064x}"),
+        }
+    }
+
+    #[test]
+    fn a_record_round_trips_through_an_object() {
+        let r = record(vec![item("pod", 1000, 1)]);
+        let obj = to_object(r.clone()).unwrap();
+        assert_eq!(
+            obj.metadata.name.as_deref(),
+            Some("exfil-20261122-140312-7f3a")
+        );
+        let status = obj.status.unwrap();
+        assert_eq!(status.state, crate::k8s::crd::IncidentState::Contained);
+        assert_eq!(decode_record(&status.record).unwrap(), r);
+        assert_eq!(status.evidence.len(), 1);
+        assert!(!status.evidence[0].omitted);
+    }
+
+    #[test]
+    fn evidence_past_the_budget_is_left_out_largest_first_and_listed() {
+        // Three items of 300 KiB that do not compress: only two fit.
+        let r = record(vec![
+            item("pod", 300 * 1024, 1),
+            item("events", 310 * 1024, 2),
+            item("flows", 290 * 1024, 3),
+        ]);
+        let obj = to_object(r).unwrap();
+        let status = obj.status.unwrap();
+        assert!(
+            status.record.len() <= RECORD_BUDGET,
+            "{}",
+            status.record.len()
+        );
+        let kept = decode_record(&status.record).unwrap();
+        let kinds: Vec<&str> = kept.evidence.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["flows"]);
+        let omitted: Vec<(&str, bool)> = status
+            .evidence
+            .iter()
+            .map(|e| (e.kind.as_str(), e.omitted))
+            .collect();
+        assert_eq!(omitted, [("flows", false), ("events", true), ("pod", true)]);
+        // The object as a whole stays well under etcd's 1.5 MiB.
+        let size = serde_json::to_vec(&status).unwrap().len();
+        assert!(size < 1024 * 1024, "{size}");
+    }
+
+    #[test]
+    fn a_bad_record_is_a_clear_error() {
+        for (text, want) in [
+            ("%%%", "not base64"),
+            ("aGVsbG8=", "not gzip"),
+            (encode_record(&record(vec![])).as_str(), ""),
+        ] {
+            let got = decode_record(text);
+            if want.is_empty() {
+                assert!(got.is_ok());
+            } else {
+                let e = got.unwrap_err().to_string();
+                assert!(e.contains(want), "{e}");
+            }
+        }
+        // Valid gzip of something that is not a record.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(b"{\"x\":1}").unwrap();
+        let text = base64::engine::general_purpose::STANDARD.encode(gz.finish().unwrap());
+        let e = decode_record(&text).unwrap_err().to_string();
+        assert!(e.contains("not an incident record"), "{e}");
+        // A gzip bomb stops at the limit instead of filling memory.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..(MAX_RECORD_JSON >> 20) + 1 {
+            gz.write_all(&zeros).unwrap();
+        }
+        let text = base64::engine::general_purpose::STANDARD.encode(gz.finish().unwrap());
+        let e = decode_record(&text).unwrap_err().to_string();
+        assert!(e.contains("larger than"), "{e}");
+    }
+
+    #[test]
+    fn covers_needs_every_row_of_ours() {
+        let mut ours = record(vec![item("pod", 10, 1)]);
+        let theirs = ours.clone();
+        assert!(covers(&theirs, &ours));
+        ours.timeline
+            .push(crate::store::sqlite::replica::TimelineRow {
+                at_ms: 1,
+                actor: "alice".into(),
+                cause: "note".into(),
+                state: 2,
+            });
+        assert!(!covers(&theirs, &ours));
+        assert!(covers(&ours, &theirs));
     }
 }
