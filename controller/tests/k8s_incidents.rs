@@ -499,3 +499,203 @@ async fn another_replicas_containment_blocks_the_agent_connected_here() {
     let _ = stop.send(());
     server.await.unwrap().unwrap();
 }
+
+/// A replica: its own SQLite file, its own client, the shared namespace.
+fn replica(
+    api: &support::shared_api::SharedApi,
+    dir: &std::path::Path,
+    name: &str,
+) -> (
+    std::sync::Arc<KubeStore>,
+    tokio::sync::mpsc::UnboundedReceiver<Vec<exfilguard_controller::store::Effect>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    api.serve(handle);
+    let (store, merged) = KubeStore::new(
+        SqliteStore::open(&dir.join(format!("{name}.db"))).unwrap(),
+        Client::new(svc, "default"),
+        NS,
+        tokio::runtime::Handle::current(),
+    );
+    let task = store.spawn();
+    (store, merged, task)
+}
+
+/// Waits (bounded) until `check` holds.
+async fn until(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}: not within 10 s");
+}
+
+/// Runs a store call on a blocking thread (it waits on the API server).
+async fn blocking<T: Send + 'static>(
+    store: &std::sync::Arc<KubeStore>,
+    f: impl FnOnce(&KubeStore) -> T + Send + 'static,
+) -> T {
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || f(&s)).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_incidents_and_converge_after_concurrent_changes() {
+    let api = support::shared_api::SharedApi::new(NS);
+    let dir = tempfile::tempdir().unwrap();
+    let (a, _a_merged, a_task) = replica(&api, dir.path(), "a");
+    let (b, mut b_merged, b_task) = replica(&api, dir.path(), "b");
+
+    // n1's agent is on replica a, which opens and contains the incident.
+    let id = opened(
+        &blocking(&a, |s| {
+            hello(s, "n1");
+            s.ingest(&[detection("n1", 1, "db-0", 7)], &lockdown())
+                .unwrap()
+        })
+        .await,
+    );
+    // b sees it, contained, and is told to Block (it would send the Block if
+    // n1's agent were connected to it).
+    until("b has the incident", || {
+        b.get_incident(&id)
+            .is_ok_and(|i| i.state == IncidentState::Contained as i32)
+    })
+    .await;
+    let mut b_effects = Vec::new();
+    while let Ok(e) = b_merged.try_recv() {
+        b_effects.extend(e);
+    }
+    assert!(
+        b_effects.iter().any(|e| matches!(e,
+            exfilguard_controller::store::Effect::Block { node, block } if node == "n1" && block.cgroup_id == 7)),
+        "{b_effects:?}"
+    );
+
+    // At the same time: a takes the episode's next detection and alice
+    // acknowledges on a; bob releases on b.
+    let (r1, r2, r3) = tokio::join!(
+        blocking(&a, |s| s
+            .ingest(&[detection("n1", 2, "db-0", 7)], &lockdown())
+            .unwrap()),
+        blocking(&a, {
+            let id = id.clone();
+            move |s| s.acknowledge(&id, "alice", "on it", 1_795_356_300_000)
+        }),
+        blocking(&b, {
+            let id = id.clone();
+            move |s| s.release(&id, "bob", "backup job", 1_795_356_300_001)
+        }),
+    );
+    assert!(matches!(r1[0], IngestOutcome::Stored(_)));
+    r2.unwrap();
+    r3.unwrap();
+
+    // Both replicas and the object end with the same rows: released,
+    // acknowledged by alice, two detections, every timeline entry.
+    until("replicas converge", || {
+        let (ra, rb) = (a.local_record(&id).unwrap(), b.local_record(&id).unwrap());
+        let obj = api.object(&object_name(&id));
+        ra == rb
+            && a.pending_writes() == 0
+            && b.pending_writes() == 0
+            && obj.is_some_and(|o| o["status"]["record"].is_string() && record_of(&o) == ra)
+    })
+    .await;
+    let r = a.local_record(&id).unwrap();
+    assert_eq!(r.incident.state, IncidentState::Released as i32);
+    assert_eq!(r.incident.acknowledged_by, "alice");
+    assert_eq!(r.incident.detection_count, 2);
+    assert_eq!(r.detections.len(), 2);
+    let causes: Vec<&str> = r.timeline.iter().map(|t| t.cause.as_str()).collect();
+    for want in ["opened:", "lockdown:", "acknowledged: on it", "released"] {
+        assert!(
+            causes.iter().any(|c| c.starts_with(want)),
+            "{want} in {causes:?}"
+        );
+    }
+    let obj = api.object(&object_name(&id)).unwrap();
+    assert_eq!(obj["status"]["state"], "released");
+    println!(
+        "converged; the API server refused {} stale writes on the way",
+        api.conflicts()
+    );
+    a_task.abort();
+    b_task.abort();
+}
+
+/// The same as above against a real API server (`KUBECONFIG`): two replicas
+/// in a namespace of the test's own; what one writes the other serves, and
+/// `kubectl get exfilincidents` sees the state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_against_a_real_api_server() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::{
+        CustomResourceExt as _,
+        api::{Patch, PatchParams},
+    };
+    let Some(client) =
+        support::kube_real::real_cluster("two_replicas_against_a_real_api_server").await
+    else {
+        return;
+    };
+    let crds: kube::Api<CustomResourceDefinition> = kube::Api::all(client.clone());
+    crds.patch(
+        "exfilincidents.exfilguard.io",
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(exfilguard_controller::k8s::crd::ExfilIncident::crd()),
+    )
+    .await
+    .expect("apply the ExfilIncident CRD");
+    let ns = support::kube_real::TestNamespace::create(&client).await;
+    let dir = tempfile::tempdir().unwrap();
+    let open = |name: &str| {
+        let (store, merged) = KubeStore::new(
+            SqliteStore::open(&dir.path().join(format!("{name}.db"))).unwrap(),
+            client.clone(),
+            &ns.name,
+            tokio::runtime::Handle::current(),
+        );
+        let task = store.spawn();
+        (store, merged, task)
+    };
+    let (a, _am, a_task) = open("a");
+    let (b, _bm, b_task) = open("b");
+    // The CRD may take a moment to be served: the background task retries.
+    let id = opened(
+        &blocking(&a, |s| {
+            hello(s, "n1");
+            s.ingest(&[detection("n1", 1, "db-0", 7)], &lockdown())
+                .unwrap()
+        })
+        .await,
+    );
+    until("the object exists with its record", || {
+        a.pending_writes() == 0
+    })
+    .await;
+    until("b serves the incident", || b.get_incident(&id).is_ok()).await;
+    blocking(&b, {
+        let id = id.clone();
+        move |s| s.release(&id, "bob", "real cluster test", 1_795_356_300_001)
+    })
+    .await
+    .unwrap();
+    until("a sees the release", || {
+        a.get_incident(&id)
+            .is_ok_and(|i| i.state == IncidentState::Released as i32)
+    })
+    .await;
+    let objects: kube::Api<exfilguard_controller::k8s::crd::ExfilIncident> =
+        kube::Api::namespaced(client.clone(), &ns.name);
+    let obj = objects.get(&object_name(&id)).await.unwrap();
+    assert_eq!(
+        obj.status.unwrap().state,
+        exfilguard_controller::k8s::crd::IncidentState::Released
+    );
+    a_task.abort();
+    b_task.abort();
+}

@@ -138,6 +138,17 @@ impl KubeStore {
         })
     }
 
+    /// This replica's record of incident `id` (what it would write).
+    pub fn local_record(&self, id: &str) -> Result<IncidentRecord> {
+        self.local
+            .export_incident(id)?
+            .map(|r| trim(r).0)
+            .ok_or_else(|| Error::NotFound {
+                kind: "incident",
+                id: id.to_string(),
+            })
+    }
+
     /// Incidents whose record still has to reach the API server.
     pub fn pending_writes(&self) -> usize {
         self.dirty.lock().map_or(0, |d| d.len())

@@ -3,3 +3,4 @@
 
 pub mod kube_mock;
 pub mod kube_real;
+pub mod shared_api;
