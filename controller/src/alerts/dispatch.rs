@@ -170,11 +170,22 @@ async fn pass(inner: &Arc<Inner>, tasks: &mut JoinSet<()>) -> Result<Option<u64>
         let store = inner.store.clone();
         blocking(move || store.route_alerts(&routes, now_ms())).await?;
     }
+    // What is in flight BEFORE the read: an attempt that ends between the
+    // read and the spawn below leaves its row in `due` as it was before the
+    // attempt (stale), and must not be attempted again on that reading.
+    let busy = inner
+        .in_flight
+        .lock()
+        .map(|f| f.clone())
+        .unwrap_or_default();
     let store = inner.store.clone();
     let due = blocking(move || store.due_deliveries(now_ms(), (MAX_IN_FLIGHT * 4) as u32)).await?;
     for d in due {
         if tasks.len() >= MAX_IN_FLIGHT {
             break;
+        }
+        if busy.contains(&d.id) {
+            continue;
         }
         let fresh = inner
             .in_flight
