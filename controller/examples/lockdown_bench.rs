@@ -137,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
             exfilpolicies: false,
             ..Default::default()
         },
+        leader_election: None,
     };
     tokio::spawn(server::serve(config, listener, std::future::pending()));
 

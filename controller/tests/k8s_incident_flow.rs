@@ -80,6 +80,7 @@ impl Stack {
                 exfilpolicies: false,
                 ..Default::default()
             },
+            leader_election: None,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(async move {

@@ -432,6 +432,7 @@ async fn an_exfilpolicy_event_reaches_a_connected_agent_over_grpc_within_2s() {
         file: Default::default(),
         lockdown: Default::default(),
         duties: Default::default(),
+        leader_election: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve(config, listener, async {

@@ -493,6 +493,7 @@ fn child_process() {
                 kube: None,
                 lockdown: Default::default(),
         duties: Default::default(),
+                leader_election: None,
             };
             server::serve(config, listener, std::future::pending()).await.expect("serve");
         }),
