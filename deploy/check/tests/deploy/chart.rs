@@ -79,7 +79,14 @@ fn default_values_render_the_plain_manifests() {
             "NOT CHECKED: the chart's RBAC against deploy/rbac.yaml (not in this checkout); its objects passed the type check"
         );
         got.retain(|d| {
-            !["ServiceAccount", "ClusterRole", "ClusterRoleBinding"].contains(&d.kind())
+            ![
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Role",
+                "RoleBinding",
+            ]
+            .contains(&d.kind())
         });
     }
     assert_same(&want, &got, "chart with default values vs deploy/manifests");
