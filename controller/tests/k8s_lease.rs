@@ -191,6 +191,60 @@ async fn acquires_a_missing_lease_renews_and_releases_at_shutdown() {
 }
 
 #[tokio::test]
+async fn a_shutdown_during_a_renewal_still_releases() {
+    let (mut leader, guard, mut api) = elector(config(ME, 3_000, 200, 200));
+    answer(
+        &mut api,
+        vec![
+            expect(Method::GET, &lease_path()).reply(status(404, "NotFound", "not found")),
+            expect(Method::POST, &leases_path())
+                .query(&FM)
+                .body(JSON, |b| check_lease(&b, None, Some(ME), 3, 0))
+                .reply((StatusCode::CREATED, lease_json("1", Some(ME), 3, 0))),
+        ],
+    )
+    .await;
+    until(&mut leader, true, Duration::from_secs(2)).await;
+    // A renewal arrives; the server applies it (version 2) but the answer
+    // never comes: the shutdown cuts it short.
+    let (req, _unanswered) = tokio::time::timeout(Duration::from_secs(2), api.next_request())
+        .await
+        .expect("a renewal")
+        .expect("client alive");
+    assert_eq!(req.method(), Method::PUT);
+    let stopping = tokio::spawn(guard.shutdown());
+    answer(
+        &mut api,
+        vec![
+            // The release on the version it knew: stale.
+            expect(Method::PUT, &lease_path())
+                .query(&FM)
+                .body(JSON, |b| {
+                    assert_eq!(b["metadata"]["resourceVersion"], "1", "{b}");
+                    assert!(b["spec"].get("holderIdentity").is_none(), "{b}");
+                })
+                .reply(status(409, "Conflict", "the object has been modified")),
+            // Read again: still ours, so released on the current version.
+            expect(Method::GET, &lease_path()).reply(ok(lease_json("2", Some(ME), 3, 0))),
+            expect(Method::PUT, &lease_path())
+                .query(&FM)
+                .body(JSON, |b| {
+                    assert_eq!(b["metadata"]["resourceVersion"], "2", "{b}");
+                    assert!(b["spec"].get("holderIdentity").is_none(), "{b}");
+                    assert_eq!(b["spec"]["leaseDurationSeconds"], 1, "{b}");
+                })
+                .reply(ok(lease_json("3", None, 1, 0))),
+        ],
+    )
+    .await;
+    tokio::time::timeout(Duration::from_secs(2), stopping)
+        .await
+        .expect("shutdown returns")
+        .unwrap();
+    assert!(!leader.is_leader());
+}
+
+#[tokio::test]
 async fn a_conflict_on_renewal_loses_leadership() {
     let (mut leader, guard, mut api) = elector(config(ME, 3_000, 200, 200));
     answer(
@@ -817,6 +871,146 @@ async fn responder_acts_only_when_leading_and_lifts_stale_lockdowns_on_gaining()
     );
     following.abort();
     serving.abort();
+}
+
+/// Serves one controller's API requests: its lease from `lease`, and empty
+/// lists for a new leader's sweep; logs each request as `METHOD path`.
+fn serve_controller(
+    handle: Handle,
+    lease: Arc<SharedLease>,
+    log: Arc<Mutex<Vec<String>>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut handle = Box::pin(handle);
+        while let Some((req, send)) = handle.next_request().await {
+            let method = req.method().clone();
+            let path = req.uri().path().to_owned();
+            log.lock().unwrap().push(format!("{method} {path}"));
+            let bytes = req.into_body().collect_bytes().await.unwrap();
+            let (code, body) = match path.as_str() {
+                "/apis/networking.k8s.io/v1/networkpolicies" => ok(json!({
+                    "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicyList",
+                    "metadata": {"resourceVersion": "1"}, "items": []})),
+                "/api/v1/pods" => ok(json!({"apiVersion": "v1", "kind": "PodList",
+                    "metadata": {"resourceVersion": "1"}, "items": []})),
+                _ => lease.handle(&method, &path, &bytes),
+            };
+            let mut res = Response::new(Body::from(serde_json::to_vec(&body).unwrap()));
+            *res.status_mut() = code;
+            send.send_response(res);
+        }
+    })
+}
+
+/// A controller served on 127.0.0.1 with leader election on.
+struct Replica {
+    log: Arc<Mutex<Vec<String>>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    served: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Replica {
+    async fn start(identity: &str, lease: &Arc<SharedLease>) -> Replica {
+        use exfilguard_controller::server::{self, KubeDuties, ServerConfig};
+        let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        serve_controller(handle, lease.clone(), log.clone());
+        let dir = tempfile::tempdir().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let config = ServerConfig {
+            tls: None,
+            db: dir.path().join("c.db"),
+            limits: Default::default(),
+            max_streams_per_connection: 64,
+            policy: ResponsePolicy::default(),
+            agent_policy: None,
+            file: Default::default(),
+            kube: Some(Client::new(svc, "default")),
+            lockdown: Default::default(),
+            duties: KubeDuties {
+                containment: true,
+                evidence: false,
+                exfilpolicies: false,
+            },
+            leader_election: Some(config(identity, 1_000, 300, 100)),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(async move {
+            server::serve(config, listener, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("serve");
+        });
+        Replica {
+            log,
+            stop: Some(stop),
+            served,
+            _dir: dir,
+        }
+    }
+
+    fn swept(&self) -> bool {
+        let log = self.log.lock().unwrap();
+        log.iter()
+            .any(|l| l == "GET /apis/networking.k8s.io/v1/networkpolicies")
+            && log.iter().any(|l| l == "GET /api/v1/pods")
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(5), &mut self.served)
+            .await
+            .expect("server stops")
+            .unwrap();
+    }
+}
+
+async fn until_holder(lease: &SharedLease, want: Option<&str>, within: Duration) {
+    let deadline = Instant::now() + within;
+    while lease.holder().as_deref() != want {
+        assert!(
+            Instant::now() < deadline,
+            "holder {:?}, not {want:?}, after {within:?}",
+            lease.holder()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Two controllers served with `ServerConfig::leader_election`: the first
+/// leads and sweeps stale lockdowns, the second waits; stopping the first
+/// releases the lease and the second leads and sweeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn served_controllers_elect_hand_over_at_shutdown_and_sweep_on_gaining() {
+    let lease = Arc::new(SharedLease::default());
+    let a = Replica::start("server-a_00000001", &lease).await;
+    until_holder(&lease, Some("server-a_00000001"), Duration::from_secs(3)).await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !a.swept() {
+        assert!(Instant::now() < deadline, "A never swept: {:?}", a.log);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let b = Replica::start("server-b_00000002", &lease).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(lease.holder().as_deref(), Some("server-a_00000001"));
+    assert!(!b.swept(), "a follower swept: {:?}", b.log);
+    let t0 = Instant::now();
+    a.stop().await;
+    until_holder(&lease, Some("server-b_00000002"), Duration::from_secs(3)).await;
+    println!(
+        "served controllers: B leads {:?} after A was told to stop",
+        t0.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !b.swept() {
+        assert!(Instant::now() < deadline, "B never swept: {:?}", b.log);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(lease.transitions(), 1);
+    b.stop().await;
+    assert_eq!(lease.holder(), None, "released when B stopped");
 }
 
 // ------------------------------------------------------------- real cluster

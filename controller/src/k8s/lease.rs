@@ -399,11 +399,12 @@ impl LeaseGuard {
     /// Ends the elector at once without releasing, as a crash would (the
     /// lease then expires); returns once it is gone. For failover tests.
     pub async fn abort(mut self) {
-        self.stop.take();
         if let Some(task) = self.task.take() {
             task.abort();
             let _ = task.await;
         }
+        // Only now: a closed stop channel would have made it release.
+        self.stop.take();
     }
 }
 
@@ -616,25 +617,44 @@ impl Elector {
         // Stopped: stop acting first, then hand the lease over.
         if renewed.is_some() {
             self.set_leader(false, "shutting down");
-            if let Some(o) = &self.observed {
-                let lease = released(o);
-                let pp = Self::params();
-                match tokio::time::timeout(
-                    RELEASE_TIMEOUT,
-                    self.api.replace(&self.config.name, &pp, &lease),
-                )
-                .await
-                {
-                    Ok(Ok(_)) => {
-                        tracing::info!(lease = %self.config.name, "lease released")
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "lease not released; it expires on its own")
-                    }
-                    Err(_) => tracing::warn!("lease release timed out; it expires on its own"),
+            match tokio::time::timeout(RELEASE_TIMEOUT, self.release()).await {
+                Ok(Ok(true)) => tracing::info!(lease = %self.config.name, "lease released"),
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "lease not released; it expires on its own")
                 }
+                Err(_) => tracing::warn!("lease release timed out; it expires on its own"),
             }
         }
+    }
+
+    /// Clears the holder if it is still us. A renewal cut short by the
+    /// shutdown may have changed the lease after we last saw it: on a 409,
+    /// read it again and retry once.
+    async fn release(&mut self) -> Result<bool, kube::Error> {
+        let pp = Self::params();
+        for _ in 0..2 {
+            let observed = match self.observed.take() {
+                Some(o) => o,
+                None => match self.api.get_opt(&self.config.name).await? {
+                    Some(l) => observe(None, l, self.config.lease_duration, Instant::now()),
+                    None => return Ok(false),
+                },
+            };
+            if observed.holder.as_deref() != Some(self.config.identity.as_str()) {
+                return Ok(false);
+            }
+            match self
+                .api
+                .replace(&self.config.name, &pp, &released(&observed))
+                .await
+            {
+                Ok(_) => return Ok(true),
+                Err(e) if status_code(&e) == Some(409) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(false)
     }
 }
 
