@@ -106,6 +106,11 @@ impl Responder {
                 if let Some(before) = before {
                     let _ = before.await;
                 }
+                // Leadership may have gone while the previous one ran.
+                if !this.leader.is_leader() {
+                    tracing::debug!("no longer the leader: cluster effect left to the new leader");
+                    return;
+                }
                 this.carry_out(effect).await;
             });
             running.insert(incident, task);
