@@ -139,6 +139,7 @@ async fn main() -> anyhow::Result<()> {
             ..Default::default()
         },
         namespace: "exfilguard-system".into(),
+        leader_election: None,
     };
     tokio::spawn(server::serve(config, listener, std::future::pending()));
 

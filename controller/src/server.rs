@@ -21,6 +21,7 @@ use crate::{
     ingest::Ingestor,
     k8s::{
         Containment, ContainmentConfig, LockdownOptions,
+        lease::{self, Leader, LeaseConfig, LeaseGuard},
         respond::{self, Responder},
     },
     store::{Store, kube::KubeStore, sqlite::SqliteStore},
@@ -68,6 +69,9 @@ pub struct ServerConfig {
     pub duties: KubeDuties,
     /// Namespace of the controller's own objects (`ExfilIncident`s).
     pub namespace: String,
+    /// Leader election among replicas on this Lease (needs `kube`); `None`:
+    /// this controller is always the leader (a single replica).
+    pub leader_election: Option<LeaseConfig>,
 }
 
 /// The controller's Kubernetes duties, each on by default; switching one
@@ -114,6 +118,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("lockdown", &self.lockdown)
             .field("duties", &self.duties)
             .field("namespace", &self.namespace)
+            .field("leader_election", &self.leader_election)
             .finish()
     }
 }
@@ -166,6 +171,7 @@ fn incoming(listener: TcpListener) -> TcpIncoming {
 fn start_agent_policy(
     config: &ServerConfig,
     hub: &Arc<Hub>,
+    leader: &Leader,
 ) -> Result<Option<tokio::task::JoinHandle<()>>> {
     let default = match &config.agent_policy {
         Some(path) => {
@@ -191,6 +197,7 @@ fn start_agent_policy(
                 client.clone(),
                 hub.clone(),
                 rx,
+                leader.clone(),
             )))
         }
         None => {
@@ -276,11 +283,13 @@ pub async fn serve(
         .map_err(|e| Error::Unavailable(format!("store task: {e}")))??;
     let hub = Hub::new(1024);
     let (store, _replication) = open_store(&config, local, &hub);
+    let (leader, election) = start_leader_election(&config)?;
     // Stops with the server, however `serve` returns.
-    let _reconciler = AbortOnDrop(start_agent_policy(&config, &hub)?);
+    let _reconciler = AbortOnDrop(start_agent_policy(&config, &hub, &leader)?);
     let mut policy = config.policy.clone();
     policy.cluster_containment = config.kube.is_some() && config.duties.containment;
     let mut _responder = AbortOnDrop(None);
+    let mut _leading = AbortOnDrop(None);
     if let Some(client) = config.kube.as_ref().filter(|_| config.duties.containment) {
         let containment = Containment::new(
             client.clone(),
@@ -295,11 +304,12 @@ pub async fn serve(
             hub.clone(),
             config.lockdown.clone(),
             respond::RETRY,
-        );
+        )
+        .with_leader(leader.clone());
         _responder = AbortOnDrop(Some(responder.clone().start()));
-        // Puts back what a restart interrupted; in the background, so the
-        // API server being slow does not hold up the agents.
-        tokio::spawn(async move { responder.reconcile_contained().await });
+        // Puts back what a restart or a failover interrupted; in the
+        // background, so the API server being slow does not hold up the agents.
+        _leading = AbortOnDrop(Some(responder.follow_leadership()));
         tracing::info!(protected = ?policy.protected_namespaces, "kubernetes containment on");
     }
     if let Some(client) = config.kube.as_ref().filter(|_| config.duties.evidence) {
@@ -309,12 +319,14 @@ pub async fn serve(
             client.clone(),
             crate::evidence::capture::RETRY,
         )
+        .with_leader(leader.clone())
         .spawn(hub.subscribe());
     }
     let ingestor = Ingestor::start(store.clone(), hub.clone(), policy, 16 * 1024)?;
     // Picks up what a previous run left pending, then follows the hub.
-    let dispatcher = Dispatcher::start(store.clone(), &config.file.alerts, Some(&hub))
-        .map_err(|e| Error::InvalidArgument(format!("alert configuration: {e}")))?;
+    let dispatcher =
+        Dispatcher::start_with_leader(store.clone(), &config.file.alerts, Some(&hub), leader)
+            .map_err(|e| Error::InvalidArgument(format!("alert configuration: {e}")))?;
     let max_msg = config.limits.max_message_bytes;
 
     let gateway = AgentGatewayServer::new(Gateway::new(
@@ -386,5 +398,24 @@ pub async fn serve(
         .await
         .map_err(|e| Error::Unavailable(format!("server: {e}")));
     dispatcher.shutdown().await;
+    if let Some(election) = election {
+        // Hands the lease to another replica now rather than at expiry.
+        election.shutdown().await;
+    }
     served
+}
+
+/// Starts leader election when configured and there is a Kubernetes API;
+/// otherwise this controller is always the leader.
+fn start_leader_election(config: &ServerConfig) -> Result<(Leader, Option<LeaseGuard>)> {
+    match (&config.kube, &config.leader_election) {
+        (Some(client), Some(lease_config)) => {
+            tracing::info!(lease = %lease_config.name, namespace = %lease_config.namespace,
+                identity = %lease_config.identity, "leader election on");
+            let (leader, guard) = lease::spawn(client.clone(), lease_config.clone())
+                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            Ok((leader, Some(guard)))
+        }
+        _ => Ok((Leader::always(), None)),
+    }
 }

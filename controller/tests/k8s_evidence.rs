@@ -572,6 +572,7 @@ async fn the_server_captures_after_the_ack_and_never_delays_it() {
             ..Default::default()
         },
         namespace: "exfilguard-system".into(),
+        leader_election: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(server::serve(config, listener, async {

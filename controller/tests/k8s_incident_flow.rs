@@ -82,6 +82,7 @@ impl Stack {
                 ..Default::default()
             },
             namespace: "exfilguard-system".into(),
+            leader_election: None,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(async move {

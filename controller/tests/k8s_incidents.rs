@@ -376,6 +376,7 @@ async fn another_replicas_containment_blocks_the_agent_connected_here() {
             incidents: true,
         },
         namespace: NS.into(),
+        leader_election: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(server::serve(config, listener, async {

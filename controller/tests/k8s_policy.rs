@@ -436,6 +436,7 @@ async fn an_exfilpolicy_event_reaches_a_connected_agent_over_grpc_within_2s() {
             ..Default::default()
         },
         namespace: "exfilguard-system".into(),
+        leader_election: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve(config, listener, async {
@@ -604,5 +605,41 @@ async fn real_api_server_status_and_pushed_update() {
     };
     assert_eq!(status.valid, Some(true));
     assert_eq!(status.observed_generation, Some(1));
+    task.abort();
+}
+
+/// With several replicas each pushes the effective policy to its own
+/// agents, but only the leader writes status, and it writes it on gaining
+/// leadership.
+#[tokio::test]
+async fn every_replica_pushes_only_the_leader_writes_status() {
+    use exfilguard_controller::k8s::lease::Leader;
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let mut api = mock_api(handle, vec![policy_json("shop", "etl", 2, etl_spec())]);
+    let hub = Hub::new(8);
+    let (_reg, mut rx) = hub.register("node-a").unwrap();
+    let (_default_tx, default_rx) = watch::channel(None);
+    let (leading, leader_rx) = watch::channel(false);
+    let task = tokio::spawn(policy_reconciler::run_with_leader(
+        Client::new(svc, "default"),
+        hub.clone(),
+        default_rx,
+        Duration::from_millis(50),
+        Leader::from_receiver(leader_rx),
+    ));
+    let pushed = next_policy(&mut rx).await;
+    assert_eq!(
+        pushed.overrides,
+        vec![etl_override()],
+        "pushed while follower"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    api.no_more_writes();
+    leading.send_replace(true);
+    let etl = check_write(&api.next_write().await, "shop", "etl");
+    assert_eq!(etl["valid"], true);
+    assert_eq!(etl["observed_generation"], 2);
+    // Nothing changed in the policy: no second push.
+    assert!(rx.try_recv().is_err(), "pushed again on gaining leadership");
     task.abort();
 }

@@ -492,7 +492,9 @@ fn child_process() {
                 file: Default::default(),
                 kube: None,
                 lockdown: Default::default(),
-        duties: Default::default(),
+                duties: Default::default(),
+                namespace: "exfilguard-system".into(),
+                leader_election: None,
             };
             server::serve(config, listener, std::future::pending()).await.expect("serve");
         }),

@@ -1,6 +1,8 @@
 //! The outbox worker: routes new alerts to sinks, delivers due rows, and
 //! schedules retries. All state is in the store, so a restarted controller
-//! carries on where the last one stopped.
+//! carries on where the last one stopped. Of several controller replicas
+//! only the leader dispatches ([`Leader`]): one that gains leadership picks
+//! up everything pending, as a restarted controller does.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -21,6 +23,7 @@ use super::{
 use crate::{
     Result,
     hub::Hub,
+    k8s::lease::Leader,
     store::{Delivery, Store},
     time::now_ms,
 };
@@ -57,6 +60,18 @@ impl Dispatcher {
         config: &AlertsConfig,
         hub: Option<&Hub>,
     ) -> Result<Self, ConfigError> {
+        Self::start_with_leader(store, config, hub, Leader::always())
+    }
+
+    /// [`Dispatcher::start`] that delivers only while `leader` says this
+    /// replica leads: deliveries in flight when leadership is lost are
+    /// abandoned (the new leader retries them: at least once).
+    pub fn start_with_leader(
+        store: Arc<dyn Store>,
+        config: &AlertsConfig,
+        hub: Option<&Hub>,
+        leader: Leader,
+    ) -> Result<Self, ConfigError> {
         let sinks = config.resolve()?;
         let client = sink::client(config.retry.timeout()).map_err(|e| ConfigError::Invalid {
             sink: "*".into(),
@@ -76,7 +91,7 @@ impl Dispatcher {
         let (stop, stop_rx) = watch::channel(false);
         let wake = Arc::new(Notify::new());
         let events = hub.map(Hub::subscribe);
-        let task = tokio::spawn(run(inner, stop_rx, wake.clone(), events));
+        let task = tokio::spawn(run(inner, stop_rx, wake.clone(), events, leader));
         Ok(Self { task, stop, wake })
     }
 
@@ -111,9 +126,28 @@ async fn run(
     mut stop: watch::Receiver<bool>,
     wake: Arc<Notify>,
     mut events: Option<broadcast::Receiver<exfilguard_proto::v1::IncidentEvent>>,
+    mut leader: Leader,
 ) {
     let mut tasks = JoinSet::new();
     loop {
+        if !leader.is_leader() {
+            if !tasks.is_empty() {
+                tracing::info!(
+                    abandoned = tasks.len(),
+                    "no longer the leader: alert deliveries in flight left to the new leader"
+                );
+                tasks.abort_all();
+                while tasks.join_next().await.is_some() {}
+                if let Ok(mut f) = inner.in_flight.lock() {
+                    f.clear();
+                }
+            }
+            tokio::select! {
+                _ = stop.changed() => break,
+                _ = leader.changed() => {}
+            }
+            continue;
+        }
         // At most one pass per MIN_PASS_GAP however often we are woken, so a
         // stream of incident events does not turn into a stream of queries.
         let started = tokio::time::Instant::now();
@@ -134,6 +168,7 @@ async fn run(
             _ = next_event(&mut events) => {}
             _ = tokio::time::sleep(wait) => {}
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            _ = leader.changed() => {}
         }
         tokio::time::sleep_until(started + MIN_PASS_GAP).await;
     }

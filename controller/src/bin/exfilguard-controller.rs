@@ -9,7 +9,7 @@ use exfilguard_controller::{
     config::FileConfig,
     correlate::{ResponsePolicy, default_protected_namespaces},
     gateway::GatewayLimits,
-    k8s::{DnsEndpoint, LockdownOptions},
+    k8s::{DnsEndpoint, LockdownOptions, lease},
     server::{self, KubeDuties, ServerConfig, TlsFiles},
 };
 use exfilguard_proto::v1::PolicyAction;
@@ -89,6 +89,17 @@ enum Kubernetes {
     /// Required: fail to start without a working client.
     On,
     /// Standalone: containment is the agents' in-kernel Block alone.
+    Off,
+}
+
+/// Whether to elect a leader among controller replicas on a Lease.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LeaderElect {
+    /// On whenever the Kubernetes API is used.
+    Auto,
+    /// Required: fail to start without the Kubernetes API.
+    On,
+    /// A single replica that always leads.
     Off,
 }
 
@@ -190,6 +201,34 @@ struct Serve {
         value_delimiter = ','
     )]
     lockdown_keep_cidrs: Vec<String>,
+    /// Elect one leader among controller replicas on a coordination.k8s.io
+    /// Lease: only the leader contains pods, sends alerts, captures evidence
+    /// and writes ExfilPolicy status.
+    #[arg(
+        long,
+        value_enum,
+        env = "EXFILGUARD_LEADER_ELECT",
+        default_value = "auto"
+    )]
+    leader_elect: LeaderElect,
+    /// Namespace of the Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = lease::DEFAULT_NAMESPACE)]
+    lease_namespace: String,
+    /// Name of the Lease.
+    #[arg(long, env = "EXFILGUARD_LEASE_NAME", default_value = lease::DEFAULT_NAME)]
+    lease_name: String,
+    /// How long the Lease holds without renewal (e.g. 15s); the leader
+    /// renews every third of it, the others look every 2/15 of it.
+    #[arg(long, env = "EXFILGUARD_LEASE_DURATION", default_value = "15s", value_parser = parse_lease_duration)]
+    lease_duration: std::time::Duration,
+}
+
+fn parse_lease_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d = exfilguard_policy::parse_duration(s)?;
+    if d < std::time::Duration::from_secs(3) {
+        return Err(format!("{s}: a lease under 3s leaves no room to renew"));
+    }
+    Ok(d)
 }
 
 /// The Kubernetes client `mode` asks for; `None` when standalone.
@@ -282,6 +321,20 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
             .with_context(|| format!("--lockdown-keep-cidr {cidr:?} is not a CIDR"))?;
     }
     let kube = kube_client(args.kubernetes).await?;
+    let leader_election = match (args.leader_elect, &kube) {
+        (LeaderElect::Off, _) => None,
+        (LeaderElect::On, None) => {
+            bail!("--leader-elect=on needs the Kubernetes API (--kubernetes)")
+        }
+        (_, None) => None,
+        (_, Some(_)) => {
+            let mut c = lease::LeaseConfig::new(args.lease_namespace)
+                .with_lease_duration(args.lease_duration);
+            c.name = args.lease_name;
+            c.validate()?;
+            Some(c)
+        }
+    };
     let protected_namespaces = if args.protected_namespaces.is_empty() {
         default_protected_namespaces()
     } else {
@@ -319,6 +372,7 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
             incidents: args.kubernetes_duties.contains(&Duty::Incidents),
         },
         namespace: args.namespace,
+        leader_election,
     };
     server::serve(config, listener, shutdown_signal())
         .await

@@ -3,7 +3,8 @@
 //! never wait for Kubernetes. A failed capture is retried a bounded number of
 //! times, each failure a timeline entry; giving up leaves a `capture_failed`
 //! item. Standalone (no Kubernetes client) nothing runs here: the detection's
-//! own items (workload identity, flows, DNS) are stored at ingest.
+//! own items (workload identity, flows, DNS) are stored at ingest. Of
+//! several controller replicas only the leader captures ([`Leader`]).
 
 use std::{sync::Arc, time::Duration};
 
@@ -12,7 +13,12 @@ use serde_json::json;
 use tokio::sync::broadcast::{self, error::RecvError};
 
 use super::{NewEvidence, kind};
-use crate::{Result, k8s::evidence::PodEvidence, store::Store, time::now_ms};
+use crate::{
+    Result,
+    k8s::{evidence::PodEvidence, lease::Leader},
+    store::Store,
+    time::now_ms,
+};
 
 /// Timeline actor of capture entries.
 const ACTOR: &str = "controller (evidence)";
@@ -32,6 +38,7 @@ pub struct Capturer {
     store: Arc<dyn Store>,
     pods: PodEvidence,
     retry: Retry,
+    leader: Leader,
 }
 
 impl std::fmt::Debug for Capturer {
@@ -49,7 +56,15 @@ impl Capturer {
             store,
             pods: PodEvidence::new(client),
             retry,
+            leader: Leader::always(),
         }
+    }
+
+    /// Captures only while `leader` says this replica leads (default:
+    /// always).
+    pub fn with_leader(mut self, leader: Leader) -> Self {
+        self.leader = leader;
+        self
     }
 
     /// Follows `events` until the hub closes, capturing each opened
@@ -59,6 +74,12 @@ impl Capturer {
             loop {
                 match events.recv().await {
                     Ok(e) if e.kind == IncidentEventKind::Opened as i32 => {
+                        if !self.leader.is_leader() {
+                            tracing::debug!(
+                                "not the leader: the leading replica captures this incident's evidence"
+                            );
+                            continue;
+                        }
                         if let Some(incident) = e.incident {
                             let me = self.clone();
                             tokio::spawn(async move { me.capture(&incident).await });

@@ -368,6 +368,11 @@ impl Containment {
         Ok(Self::new(client, config))
     }
 
+    /// The API client.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// The configuration.
     pub fn config(&self) -> &ContainmentConfig {
         &self.config

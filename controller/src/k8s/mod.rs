@@ -1,7 +1,9 @@
 //! Kubernetes side of the controller: containment of one pod
 //! ([`containment`]), carried out for incidents by [`respond`], the custom
 //! resources ([`crd`]) and the `ExfilPolicy` reconciler that turns them into
-//! the agents' policy ([`policy_reconciler`]).
+//! the agents' policy ([`policy_reconciler`]); of several controller
+//! replicas, the one that does the leader-only duties is elected on a Lease
+//! ([`lease`]).
 //!
 //! Everything here talks to the API server through a [`kube::Client`], so the
 //! tests drive it with kube's `tower-test` mock (exact requests) and, when
@@ -10,6 +12,7 @@
 pub mod containment;
 pub mod crd;
 pub mod evidence;
+pub mod lease;
 mod names;
 pub mod policy_reconciler;
 pub mod respond;

@@ -22,6 +22,9 @@
 //!   `lockdown_keeps_dns`, `matchExpressions` other than `In` with one value)
 //!   are refused by name rather than ignored: they belong in the cluster
 //!   default.
+//!
+//! Of several controller replicas each pushes to its own agents, and only
+//! the elected leader ([`Leader`]) writes status.
 use std::{
     collections::{BTreeMap, HashMap},
     sync::Arc,
@@ -44,6 +47,7 @@ use tokio::sync::watch;
 use super::{
     FIELD_MANAGER,
     crd::{Action, ExfilPolicy, ExfilPolicySpec, ExfilPolicyStatus, FieldError},
+    lease::Leader,
 };
 use crate::{hub::Hub, time::now_ms};
 
@@ -397,8 +401,22 @@ async fn write_statuses(
 pub async fn run(
     client: Client,
     hub: Arc<Hub>,
+    default: watch::Receiver<Option<PolicyUpdate>>,
+    debounce: Duration,
+) {
+    run_with_leader(client, hub, default, debounce, Leader::always()).await
+}
+
+/// [`run`] where only the leader writes status: every replica computes the
+/// effective policy and pushes it to its own agents, but statuses are
+/// written only while `leader` says this replica leads (and all of them
+/// again when it gains leadership).
+pub async fn run_with_leader(
+    client: Client,
+    hub: Arc<Hub>,
     mut default: watch::Receiver<Option<PolicyUpdate>>,
     debounce: Duration,
+    mut leader: Leader,
 ) {
     let api: Api<ExfilPolicy> = Api::all(client.clone());
     let mut events = watcher(api, watcher::Config::default())
@@ -451,6 +469,8 @@ pub async fn run(
             () = async { tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)).await }, if retry_at.is_some() => {
                 retry = None;
             }
+            // Gained: write what the previous leader may have left unwritten.
+            _ = leader.changed() => {}
         }
         if !listed {
             continue;
@@ -472,19 +492,29 @@ pub async fn run(
         let current_default = default.borrow().clone();
         let outcome = reconcile(current_default.as_ref(), &list, Timestamp::now());
         publish(&hub, &mut last, outcome.update);
+        if !leader.is_leader() {
+            continue;
+        }
         if !write_statuses(&client, &mut objects, &outcome.statuses).await {
             retry = Some(tokio::time::Instant::now() + STATUS_RETRY);
         }
     }
 }
 
-/// Starts [`run`] on the runtime.
+/// Starts [`run_with_leader`] on the runtime.
 pub fn spawn(
     client: Client,
     hub: Arc<Hub>,
     default: watch::Receiver<Option<PolicyUpdate>>,
+    leader: Leader,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(run(client, hub, default, DEFAULT_DEBOUNCE))
+    tokio::spawn(run_with_leader(
+        client,
+        hub,
+        default,
+        DEFAULT_DEBOUNCE,
+        leader,
+    ))
 }
 
 #[cfg(test)]

@@ -8,15 +8,24 @@
 //! sends the Block to the node in the same breath. Commands for one incident
 //! run in order (a release waits for its lockdown); different incidents run
 //! concurrently, so one slow API call does not hold up the next incident.
+//!
+//! With several controller replicas only the elected leader acts
+//! ([`Leader`]); the others drop the effects (every replica sees every
+//! incident in the shared store, so the leader acts on them). A replica that
+//! gains leadership re-applies every contained incident's lockdown and lifts
+//! the leftover lockdowns of incidents released or resolved meanwhile, since
+//! a release may have been lost in the failover.
 
 use std::{collections::HashMap, future::Future, sync::Arc, time::Duration};
 
 use exfilguard_proto::v1::{IncidentEventKind, IncidentState, Workload};
+use k8s_openapi::api::{core::v1::Pod, networking::v1::NetworkPolicy};
+use kube::{Api, ResourceExt as _, api::ListParams};
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use super::{
-    Containment, Error, LockdownOptions, LockdownOutcome, PlannedAction, PodRef, QUARANTINE_LABEL,
-    ReleaseOutcome, ReleaseRequest, status_code,
+    Containment, Error, INCIDENT_LABEL, LockdownOptions, LockdownOutcome, PlannedAction, PodRef,
+    QUARANTINE_LABEL, ReleaseOutcome, ReleaseRequest, lease::Leader, status_code,
 };
 use crate::{
     hub::Hub,
@@ -44,6 +53,7 @@ pub struct Responder {
     hub: Arc<Hub>,
     options: LockdownOptions,
     retry: Retry,
+    leader: Leader,
 }
 
 impl Responder {
@@ -61,7 +71,14 @@ impl Responder {
             hub,
             options,
             retry,
+            leader: Leader::always(),
         }
+    }
+
+    /// Acts only while `leader` says this replica leads (default: always).
+    pub fn with_leader(mut self, leader: Leader) -> Self {
+        self.leader = leader;
+        self
     }
 
     /// Connects the responder to its hub and starts serving; returns the
@@ -78,6 +95,10 @@ impl Responder {
             let Some(incident) = incident_of(&effect).map(str::to_owned) else {
                 continue;
             };
+            if !self.leader.is_leader() {
+                tracing::debug!(%incident, "not the leader: the leading replica carries this cluster effect out");
+                continue;
+            }
             running.retain(|_, task| !task.is_finished());
             let before = running.remove(&incident);
             let this = self.clone();
@@ -85,9 +106,132 @@ impl Responder {
                 if let Some(before) = before {
                     let _ = before.await;
                 }
+                // Leadership may have gone while the previous one ran.
+                if !this.leader.is_leader() {
+                    tracing::debug!("no longer the leader: cluster effect left to the new leader");
+                    return;
+                }
                 this.carry_out(effect).await;
             });
             running.insert(incident, task);
+        }
+    }
+
+    /// Follows the leadership: while leading from the start, re-applies the
+    /// contained incidents' lockdowns once (what a restart interrupted); on
+    /// every later gain, that and [`Responder::sweep_released`]. The task
+    /// runs until aborted.
+    pub fn follow_leadership(&self) -> JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut leader = me.leader.clone();
+            if leader.is_leader() {
+                me.reconcile_contained().await;
+            }
+            loop {
+                if leader.changed().await {
+                    tracing::info!("leading: re-applying lockdowns and lifting stale ones");
+                    me.reconcile_contained().await;
+                    me.sweep_released().await;
+                }
+            }
+        })
+    }
+
+    /// Lifts lockdowns left behind by incidents that are no longer contained
+    /// (released or resolved, their release lost, e.g. in a failover): every
+    /// lockdown NetworkPolicy and quarantine label in the cluster is checked
+    /// against its incident in the store. Lockdowns of incidents the store
+    /// does not know, or that are still open or contained, stay.
+    pub async fn sweep_released(&self) {
+        let client = self.containment.client().clone();
+        let mut found: Vec<(String, PodRef)> = Vec::new();
+        let params = |label: &str| ListParams::default().labels(label);
+        let policies: Api<NetworkPolicy> = Api::all(client.clone());
+        match policies.list(&params(INCIDENT_LABEL)).await {
+            Ok(list) => {
+                for np in list.items {
+                    let Some(incident) = np.labels().get(INCIDENT_LABEL).cloned() else {
+                        continue;
+                    };
+                    let owner = np
+                        .owner_references()
+                        .iter()
+                        .find(|o| o.kind == "Pod" && o.api_version == "v1");
+                    if let (Some(ns), Some(owner)) = (np.namespace(), owner) {
+                        found.push((
+                            incident,
+                            PodRef {
+                                namespace: ns,
+                                name: owner.name.clone(),
+                                uid: Some(owner.uid.clone()),
+                            },
+                        ));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list lockdown NetworkPolicies to lift stale ones");
+                return;
+            }
+        }
+        let pods: Api<Pod> = Api::all(client);
+        match pods.list(&params(QUARANTINE_LABEL)).await {
+            Ok(list) => {
+                for pod in list.items {
+                    let Some(incident) = pod.labels().get(QUARANTINE_LABEL).cloned() else {
+                        continue;
+                    };
+                    let pod_ref = PodRef {
+                        namespace: pod.namespace().unwrap_or_default(),
+                        name: pod.name_any(),
+                        uid: pod.uid(),
+                    };
+                    if !found.iter().any(|(i, p)| {
+                        *i == incident && p.namespace == pod_ref.namespace && p.name == pod_ref.name
+                    }) {
+                        found.push((incident, pod_ref));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list quarantined pods to lift stale lockdowns");
+                return;
+            }
+        }
+        for (incident, pod) in found {
+            let store = self.store.clone();
+            let id = incident.clone();
+            let state = match tokio::task::spawn_blocking(move || store.get_incident(&id)).await {
+                Ok(Ok(i)) => i.state(),
+                Ok(Err(crate::Error::NotFound { .. })) => {
+                    tracing::warn!(%incident, namespace = %pod.namespace, pod = %pod.name,
+                        "lockdown of an incident the store does not know; left in place");
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(%incident, error = %e, "cannot read the incident of a lockdown");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "store task failed");
+                    continue;
+                }
+            };
+            if matches!(state, IncidentState::Released | IncidentState::Resolved) {
+                tracing::info!(%incident, namespace = %pod.namespace, pod = %pod.name, ?state,
+                    "lifting a lockdown its incident no longer holds");
+                self.release_pod(
+                    &incident,
+                    pod,
+                    "exfilguard-controller".into(),
+                    format!(
+                        "incident is {}; its release was not carried out before a leader change",
+                        state.as_str_name()
+                    ),
+                )
+                .await;
+            }
         }
     }
 
@@ -174,7 +318,11 @@ impl Responder {
     }
 
     async fn release(&self, incident: &str, workload: &Workload, by: String, reason: String) {
-        let pod = pod_ref(workload);
+        self.release_pod(incident, pod_ref(workload), by, reason)
+            .await;
+    }
+
+    async fn release_pod(&self, incident: &str, pod: PodRef, by: String, reason: String) {
         let request = ReleaseRequest {
             by,
             reason,

@@ -26,7 +26,9 @@ use std::{
 };
 
 use base64::Engine as _;
-use exfilguard_proto::v1::{Block, EvidenceItem, Incident, IncidentState, Node, Talker, Workload};
+use exfilguard_proto::v1::{
+    Block, EvidenceItem, Incident, IncidentEventKind, IncidentState, Node, Talker, Workload,
+};
 use futures::StreamExt as _;
 use kube::{
     Api,
@@ -160,8 +162,9 @@ impl KubeStore {
             .boxed();
         let mut listed: HashSet<String> = HashSet::new();
         while let Some(ev) = events.next().await {
-            let obj = match ev {
-                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => o,
+            let (obj, listing) = match ev {
+                Ok(watcher::Event::Apply(o)) => (o, false),
+                Ok(watcher::Event::InitApply(o)) => (o, true),
                 Ok(watcher::Event::Init) => {
                     listed.clear();
                     continue;
@@ -208,7 +211,7 @@ impl KubeStore {
             };
             listed.insert(obj.spec.incident_id.clone());
             let store = self.clone();
-            let done = tokio::task::spawn_blocking(move || store.import(&obj)).await;
+            let done = tokio::task::spawn_blocking(move || store.import(&obj, listing)).await;
             match done {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::error!(error = %e, "ExfilIncident not merged"),
@@ -251,8 +254,11 @@ impl KubeStore {
     }
 
     /// Merges another replica's write (one watch event). Our own writes come
-    /// back with the version we already have and are skipped.
-    pub fn import(&self, obj: &ExfilIncident) -> Result<()> {
+    /// back with the version we already have and are skipped. `listing`: the
+    /// object comes from a (re-)list, where incidents new to this replica
+    /// are old news: they are not announced as opened (no evidence capture
+    /// or watcher event for each), while state changes still command.
+    pub fn import(&self, obj: &ExfilIncident, listing: bool) -> Result<()> {
         let id = &obj.spec.incident_id;
         let rv = obj.metadata.resource_version.clone().unwrap_or_default();
         if self
@@ -264,7 +270,7 @@ impl KubeStore {
         {
             return Ok(());
         }
-        if !self.absorb(obj)? {
+        if !self.absorb(obj, listing)? {
             // We know more than the object says: write it back.
             self.mark_dirty([id.clone()]);
         }
@@ -273,7 +279,7 @@ impl KubeStore {
 
     /// Merges `obj` into the working copy and remembers its version; true
     /// when the object already holds everything this replica knows.
-    fn absorb(&self, obj: &ExfilIncident) -> Result<bool> {
+    fn absorb(&self, obj: &ExfilIncident, listing: bool) -> Result<bool> {
         let id = obj.spec.incident_id.clone();
         let rv = obj.metadata.resource_version.clone().unwrap_or_default();
         let record = match obj.status.as_ref().filter(|s| !s.record.is_empty()) {
@@ -291,7 +297,13 @@ impl KubeStore {
                 obj.metadata.name, record.incident.id
             )));
         }
-        let (outcome, effects): (MergeOutcome, Vec<Effect>) = self.local.merge_incident(&record)?;
+        let (outcome, mut effects): (MergeOutcome, Vec<Effect>) =
+            self.local.merge_incident(&record)?;
+        if listing {
+            effects.retain(|e| {
+                !matches!(e, Effect::Incident { kind, .. } if *kind == IncidentEventKind::Opened)
+            });
+        }
         if outcome.changed {
             tracing::debug!(incident = %id, before = ?outcome.before, after = outcome.after, "merged another replica's write");
         }
@@ -363,7 +375,7 @@ impl KubeStore {
                         .map_err(api("get exfilincident"))?
                     {
                         Some(remote) => {
-                            self.absorb(&remote)?;
+                            self.absorb(&remote, false)?;
                         }
                         None => {
                             self.versions.lock().map_err(|_| poisoned())?.remove(id);

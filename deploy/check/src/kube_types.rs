@@ -8,6 +8,7 @@ use k8s_openapi::{
         apps::v1::{DaemonSet, Deployment},
         core::v1::{ConfigMap, Namespace, PersistentVolumeClaim, Secret, Service, ServiceAccount},
         networking::v1::NetworkPolicy,
+        policy::v1::PodDisruptionBudget,
         rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
@@ -28,6 +29,7 @@ pub fn check(doc: &Doc) -> Result<(), CheckError> {
         ("apps/v1", "DaemonSet") => round_trip::<DaemonSet>(doc),
         ("apps/v1", "Deployment") => round_trip::<Deployment>(doc),
         ("networking.k8s.io/v1", "NetworkPolicy") => round_trip::<NetworkPolicy>(doc),
+        ("policy/v1", "PodDisruptionBudget") => round_trip::<PodDisruptionBudget>(doc),
         ("rbac.authorization.k8s.io/v1", "ClusterRole") => round_trip::<ClusterRole>(doc),
         ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
             round_trip::<ClusterRoleBinding>(doc)

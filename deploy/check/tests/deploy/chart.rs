@@ -79,7 +79,14 @@ fn default_values_render_the_plain_manifests() {
             "NOT CHECKED: the chart's RBAC against deploy/rbac.yaml (not in this checkout); its objects passed the type check"
         );
         got.retain(|d| {
-            !["ServiceAccount", "ClusterRole", "ClusterRoleBinding"].contains(&d.kind())
+            ![
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Role",
+                "RoleBinding",
+            ]
+            .contains(&d.kind())
         });
     }
     assert_same(&want, &got, "chart with default values vs deploy/manifests");
@@ -108,7 +115,7 @@ fn prometheus_objects_render_the_deploy_prometheus_files() {
 fn values_reach_the_objects() {
     let rendered = render(json!({
         "agent": {"image": {"tag": "9.9.9"}, "nodeSelector": {"kubernetes.io/os": "linux"}, "metricsPort": 9500},
-        "controller": {"persistence": {"storageClass": "fast"}, "criticalAction": "alert"},
+        "controller": {"replicas": 3, "criticalAction": "alert"},
         "agentPolicy": {"internal_cidrs": ["10.42.0.0/16", "10.43.0.0/16"], "allow_cidrs": ["198.51.100.20/32"]},
     }));
     let ds = repo::find(&rendered, "DaemonSet", "exfilguard-agent").unwrap();
@@ -132,14 +139,8 @@ fn values_reach_the_objects() {
         "{args:?}"
     );
     assert!(args.contains(&"--metrics-addr=0.0.0.0:9500"), "{args:?}");
-    let pvc = repo::find(
-        &rendered,
-        "PersistentVolumeClaim",
-        "exfilguard-controller-data",
-    )
-    .unwrap();
-    assert_eq!(pvc.value["spec"]["storageClassName"], "fast");
     let dep = repo::find(&rendered, "Deployment", "exfilguard-controller").unwrap();
+    assert_eq!(dep.value["spec"]["replicas"], 3);
     let ctl_args = dep.value["spec"]["template"]["spec"]["containers"][0]["args"]
         .as_array()
         .unwrap();

@@ -291,9 +291,21 @@ fn objects_refer_to_each_other_consistently() {
             }
         }
     }
-    // The controller is one replica over one SQLite file.
-    assert_eq!(dep.value["spec"]["replicas"], 1);
-    assert_eq!(dep.value["spec"]["strategy"]["type"], "Recreate");
+    // Two controller replicas sharing incidents through the API server (the
+    // duty is on, leader election too), never both down by choice.
+    assert_eq!(dep.value["spec"]["replicas"], 2);
+    assert_eq!(dep.value["spec"]["strategy"]["type"], "RollingUpdate");
+    let pdb = repo::find(&docs, "PodDisruptionBudget", "exfilguard-controller").unwrap();
+    assert_eq!(pdb.value["spec"]["minAvailable"], 1);
+    let args = dep.value["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap();
+    assert!(
+        !args.iter().any(|a| a
+            .as_str()
+            .is_some_and(|a| a.starts_with("--kubernetes-duties") && !a.contains("incidents"))),
+        "incidents duty switched off: {args:?}"
+    );
 
     // Service accounts exist where the RBAC is in this checkout.
     let rbac_path = repo_root().join("deploy/rbac.yaml");
