@@ -1,9 +1,9 @@
-//! One namespace of `ExfilIncident` objects behind several kube mock
-//! handles, so that several controller replicas in one test share it with
-//! the API server's rules: `resourceVersion` bumps on every write, a stale
-//! version is a 409, a second create is a 409, watches see every write after
-//! the version they ask from. Only the requests the incident store makes are
-//! understood; anything else fails the test.
+//! One namespace of `ExfilIncident` objects (and `Lease`s) behind several
+//! kube mock handles, so that several controller replicas in one test share
+//! it with the API server's rules: `resourceVersion` bumps on every write, a
+//! stale version is a 409, a second create is a 409, watches see every write
+//! after the version they ask from. Only the requests the incident store and
+//! the leader election make are understood; anything else fails the test.
 
 use std::{
     collections::BTreeMap,
@@ -29,6 +29,8 @@ struct State {
     held: Vec<(u64, Respond)>,
     /// Writes refused with a 409.
     conflicts: u64,
+    /// Leases by name.
+    leases: BTreeMap<String, Value>,
 }
 
 /// The shared namespace.
@@ -36,6 +38,7 @@ struct State {
 pub struct SharedApi {
     state: Arc<Mutex<State>>,
     base: String,
+    leases: String,
 }
 
 fn reply(send: Respond, code: StatusCode, body: &Value) {
@@ -59,6 +62,7 @@ impl SharedApi {
         Self {
             state: Arc::default(),
             base: format!("/apis/exfilguard.io/v1alpha1/namespaces/{ns}/exfilincidents"),
+            leases: format!("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases"),
         }
     }
 
@@ -97,6 +101,65 @@ impl SharedApi {
         obj
     }
 
+    /// The holder of lease `name`, if any.
+    pub fn lease_holder(&self, name: &str) -> Option<String> {
+        let state = self.state.lock().unwrap();
+        state.leases.get(name)?["spec"]["holderIdentity"]
+            .as_str()
+            .filter(|h| !h.is_empty())
+            .map(str::to_string)
+    }
+
+    fn lease(state: &mut State, method: &Method, rest: &str, body: Value, send: Respond) {
+        let name = rest.trim_start_matches('/').to_string();
+        match (method.clone(), name.is_empty()) {
+            (Method::GET, false) => match state.leases.get(&name) {
+                Some(l) => reply(send, StatusCode::OK, l),
+                None => {
+                    let (code, v) = status(404, "NotFound", "not found");
+                    reply(send, code, &v);
+                }
+            },
+            (Method::POST, true) => {
+                let name = body["metadata"]["name"].as_str().unwrap().to_string();
+                if state.leases.contains_key(&name) {
+                    let (code, v) = status(409, "AlreadyExists", "already exists");
+                    reply(send, code, &v);
+                    return;
+                }
+                state.version += 1;
+                let mut obj = body;
+                obj["metadata"]["resourceVersion"] = json!(state.version.to_string());
+                state.leases.insert(name, obj.clone());
+                reply(send, StatusCode::CREATED, &obj);
+            }
+            (Method::PUT, false) => {
+                let current = state.leases.get(&name).cloned();
+                match current {
+                    Some(c)
+                        if c["metadata"]["resourceVersion"]
+                            == body["metadata"]["resourceVersion"] =>
+                    {
+                        state.version += 1;
+                        let mut obj = body;
+                        obj["metadata"]["resourceVersion"] = json!(state.version.to_string());
+                        state.leases.insert(name, obj.clone());
+                        reply(send, StatusCode::OK, &obj);
+                    }
+                    Some(_) => {
+                        let (code, v) = status(409, "Conflict", "the object has been modified");
+                        reply(send, code, &v);
+                    }
+                    None => {
+                        let (code, v) = status(404, "NotFound", "not found");
+                        reply(send, code, &v);
+                    }
+                }
+            }
+            (m, _) => panic!("unexpected lease request {m} {rest}"),
+        }
+    }
+
     async fn handle(&self, req: Request<Body>, send: Respond) {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
@@ -109,6 +172,9 @@ impl SharedApi {
         };
         let q = |k: &str| query.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone());
         let mut state = self.state.lock().unwrap();
+        if let Some(rest) = path.strip_prefix(&self.leases) {
+            return Self::lease(&mut state, &method, rest, body, send);
+        }
         let rest = path
             .strip_prefix(&self.base)
             .unwrap_or_else(|| panic!("unexpected path {path}"));

@@ -272,8 +272,10 @@ pub fn export(conn: &Connection, id: &str) -> Result<Option<IncidentRecord>> {
     )?;
     let events = rows(
         conn,
+        // In the order they were recorded: a merge inserts them in this
+        // order, and the dispatcher sends an incident's alerts in row order.
         "SELECT id, transition, at_ms, alert, routed FROM alert_events WHERE incident_id = ?1
-         ORDER BY transition",
+         ORDER BY at_ms, id",
         id,
         |r| {
             Ok((
