@@ -700,3 +700,33 @@ async fn two_replicas_against_a_real_api_server() {
     a_task.abort();
     b_task.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_api_server_does_not_hold_up_ingest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let mut api = Box::pin(handle);
+    let (store, _merged) = KubeStore::new(
+        SqliteStore::open(&dir.path().join("a.db")).unwrap(),
+        Client::new(svc, "default"),
+        NS,
+        tokio::runtime::Handle::current(),
+    );
+    let s = store.clone();
+    let ingest = tokio::task::spawn_blocking(move || {
+        hello(s.as_ref(), "n1");
+        s.ingest(&[detection("n1", 1, "db-0", 7)], &lockdown())
+            .unwrap()
+    });
+    // The create arrives and is never answered.
+    let create = next(&mut api).await;
+    assert_eq!(create.method, Method::POST);
+    let out = tokio::time::timeout(Duration::from_secs(20), ingest)
+        .await
+        .expect("ingest returns although the API server does not answer")
+        .unwrap();
+    let id = opened(&out);
+    assert_eq!(store.pending_writes(), 1, "the write is kept for later");
+    assert!(store.get_incident(&id).is_ok());
+    drop(create);
+}

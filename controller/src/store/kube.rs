@@ -14,9 +14,10 @@
 //! commands for this replica, so a Block for an agent connected here goes
 //! out here, whichever replica contained the incident.
 //!
-//! A write the API server does not take (unreachable, refused) is kept and
-//! retried in the background; the local commit already happened, so the
-//! agent's Ack and the responder's answer do not wait on the API server.
+//! A write waits for the API server at most [`PUBLISH_TIMEOUT`]; one it does
+//! not take (unreachable, refused, too slow) is kept and retried in the
+//! background. The local commit already happened, so the agent's Ack and the
+//! responder's answer go out all the same.
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
@@ -80,6 +81,10 @@ const TIMELINE_TAIL: usize = 20;
 /// Writes of one incident before giving up on a burst of conflicts (the
 /// record is kept and written again later).
 const WRITE_ATTEMPTS: u32 = 5;
+
+/// How long a write may hold up the caller (ingest, a responder's request)
+/// before it is left to the background retry.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How often writes the API server did not take are tried again.
 const REPUBLISH_EVERY: Duration = Duration::from_secs(2);
@@ -399,7 +404,17 @@ impl KubeStore {
     fn publish(&self, ids: impl IntoIterator<Item = String>) {
         let ids: BTreeSet<String> = ids.into_iter().collect();
         for id in ids {
-            if let Err(e) = self.rt.block_on(self.write(&id)) {
+            // A hung API server must not hold up ingest and the agents' Acks.
+            let write = async {
+                tokio::time::timeout(PUBLISH_TIMEOUT, self.write(&id))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Error::Unavailable(format!(
+                            "no answer from the API server within {PUBLISH_TIMEOUT:?}"
+                        )))
+                    })
+            };
+            if let Err(e) = self.rt.block_on(write) {
                 tracing::warn!(incident = %id, error = %e, "incident not written to the API server yet; retrying in the background");
                 self.mark_dirty([id]);
             }
