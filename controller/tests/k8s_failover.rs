@@ -30,16 +30,11 @@ use exfilguard_controller::{
     k8s::lease::LeaseConfig,
     server::{self, KubeDuties, ServerConfig},
 };
-use exfilguard_proto::v1::{
-    AgentMessage, ControllerMessage, Detection, DetectionKind, Hello, PolicyAction, Severity,
-    Workload, agent_gateway_client::AgentGatewayClient, agent_message, controller_message,
-};
+use exfilguard_proto::v1::{PolicyAction, Workload};
 use kube::{Client, client::Body};
 use serde_json::Value;
-use support::shared_api::SharedApi;
-use tokio_stream::wrappers::ReceiverStream;
+use support::{agent::TestAgent, shared_api::SharedApi};
 use tonic::{
-    Streaming,
     codegen::http::{Request, Response},
     transport::Channel,
 };
@@ -84,7 +79,6 @@ async fn webhook() -> (String, Received, Order) {
 
 /// A controller replica served on 127.0.0.1.
 struct Replica {
-    identity: String,
     addr: SocketAddr,
     served: tokio::task::JoinHandle<()>,
     /// Its connection to the API server.
@@ -156,7 +150,6 @@ impl Replica {
                 .expect("serve");
         });
         Replica {
-            identity: identity.into(),
             addr,
             served,
             api,
@@ -172,81 +165,16 @@ impl Replica {
     }
 
     async fn channel(&self) -> Channel {
-        let endpoint =
-            tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr)).unwrap();
-        for _ in 0..50 {
-            if let Ok(ch) = endpoint.connect().await {
-                return ch;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("replica {} did not come up", self.identity);
+        support::agent::channel(self.addr).await
     }
 }
 
-/// An agent's stream to one replica.
-struct Agent {
-    tx: tokio::sync::mpsc::Sender<AgentMessage>,
-    rx: Streaming<ControllerMessage>,
-}
-
-impl Agent {
-    async fn connect(channel: Channel, node: &str) -> Agent {
-        let (tx, out) = tokio::sync::mpsc::channel(8);
-        tx.send(AgentMessage {
-            payload: Some(agent_message::Payload::Hello(Hello {
-                node_name: node.into(),
-                agent_version: "test".into(),
-                ..Default::default()
-            })),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        let rx = AgentGatewayClient::new(channel)
-            .connect(ReceiverStream::new(out))
-            .await
-            .unwrap()
-            .into_inner();
-        Agent { tx, rx }
-    }
-
-    async fn detect(&self, seq: u64, pod: &str, cgroup_id: u64) {
-        self.tx
-            .send(AgentMessage {
-                seq,
-                sent_at_unix_ms: 1,
-                payload: Some(agent_message::Payload::Detection(Detection {
-                    detection_id: format!("{pod}-d"),
-                    kind: DetectionKind::Volume as i32,
-                    severity: Severity::Critical as i32,
-                    workload: Some(Workload {
-                        namespace: "shop".into(),
-                        pod: pod.into(),
-                        cgroup_id,
-                        ..Default::default()
-                    }),
-                    summary: "150 MB to 203.0.113.7:443 in 10 min".into(),
-                    bytes_estimate: 150_000_000,
-                    ..Default::default()
-                })),
-            })
-            .await
-            .unwrap();
-    }
-
-    /// The incident of the next Block.
-    async fn block(&mut self) -> String {
-        tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                let msg = self.rx.message().await.unwrap().expect("stream open");
-                if let Some(controller_message::Payload::Block(b)) = msg.payload {
-                    return b.incident_id;
-                }
-            }
-        })
-        .await
-        .expect("a Block in time")
+fn pod(name: &str, cgroup_id: u64) -> Workload {
+    Workload {
+        namespace: "shop".into(),
+        pod: name.into(),
+        cgroup_id,
+        ..Default::default()
     }
 }
 
@@ -279,9 +207,9 @@ async fn the_follower_takes_over_and_no_alert_is_lost_or_doubled() {
     let b = Replica::start("replica-b", &api, &hook).await;
 
     // n1's agent is on the follower, b: b contains (the Block), a alerts.
-    let mut agent = Agent::connect(b.channel().await, "n1").await;
-    agent.detect(1, "db-0", 7).await;
-    let first = agent.block().await;
+    let mut agent = TestAgent::connect(b.channel().await, "n1").await;
+    agent.detect(1, pod("db-0", 7)).await;
+    let first = agent.block().await.incident_id;
     until(
         "both alerts of the first incident",
         Duration::from_secs(10),
@@ -320,8 +248,8 @@ async fn the_follower_takes_over_and_no_alert_is_lost_or_doubled() {
     );
 
     // A new incident after the failover: b contains and alerts it.
-    agent.detect(2, "etl-5", 8).await;
-    let second = agent.block().await;
+    agent.detect(2, pod("etl-5", 8)).await;
+    let second = agent.block().await.incident_id;
     assert_ne!(first, second);
     until(
         "both alerts of the second incident",

@@ -17,21 +17,18 @@ use exfilguard_controller::{
     server::{self, KubeDuties, ServerConfig},
 };
 use exfilguard_proto::v1::{
-    AgentMessage, ControllerMessage, Detection, DetectionKind, Evidence, GetIncidentRequest, Hello,
-    Incident, PolicyAction, ReleaseIncidentRequest, Severity, Workload,
-    agent_gateway_client::AgentGatewayClient, agent_message, controller_message,
-    incidents_client::IncidentsClient,
+    GetIncidentRequest, Incident, PolicyAction, ReleaseIncidentRequest, Workload,
+    controller_message, incidents_client::IncidentsClient,
 };
 use kube::{Client, client::Body};
 use serde_json::{Value, json};
 use support::{
+    agent::TestAgent,
     kube_mock::{Expect, Handle, answer_unordered, expect, no_request_but, ok},
     kube_real::{TestNamespace, real_cluster, web_pod},
 };
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::oneshot;
 use tonic::{
-    Streaming,
     codegen::http::{Method, Request, Response, StatusCode},
     transport::Channel,
 };
@@ -92,10 +89,7 @@ impl Stack {
             .await
             .expect("serve");
         });
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect_timeout(Duration::from_secs(5));
-        let channel = retry_connect(channel).await;
+        let channel = support::agent::channel(addr).await;
         Stack {
             channel,
             api: Box::pin(api),
@@ -156,104 +150,23 @@ impl Drop for Stack {
     }
 }
 
-async fn retry_connect(endpoint: tonic::transport::Endpoint) -> Channel {
-    for _ in 0..50 {
-        if let Ok(ch) = endpoint.connect().await {
-            return ch;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+/// The test workload's pod in `namespace` (cgroup id 42).
+fn workload(namespace: &str, pod: &str, cgroup_path: &str) -> Workload {
+    Workload {
+        namespace: namespace.into(),
+        pod: pod.into(),
+        cgroup_id: 42,
+        cgroup_path: cgroup_path.into(),
+        ..Default::default()
     }
-    panic!("controller did not come up");
 }
 
-/// A test agent on node `n1`.
-struct Agent {
-    tx: mpsc::Sender<AgentMessage>,
-    rx: Streaming<ControllerMessage>,
-}
-
-impl Agent {
-    async fn open(ch: Channel) -> Agent {
-        let (tx, out) = mpsc::channel(16);
-        tx.send(AgentMessage {
-            payload: Some(agent_message::Payload::Hello(Hello {
-                node_name: "n1".into(),
-                agent_version: "test".into(),
-                ..Default::default()
-            })),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        let rx = AgentGatewayClient::new(ch)
-            .connect(ReceiverStream::new(out))
-            .await
-            .unwrap()
-            .into_inner();
-        Agent { tx, rx }
-    }
-
-    async fn detect(&self, seq: u64, namespace: &str) {
-        self.detect_pod(seq, namespace, POD, CGROUP).await
-    }
-
-    async fn detect_pod(&self, seq: u64, namespace: &str, pod: &str, cgroup_path: &str) {
-        let msg = AgentMessage {
-            seq,
-            sent_at_unix_ms: 1,
-            payload: Some(agent_message::Payload::Detection(Detection {
-                detection_id: format!("det-{seq}"),
-                kind: DetectionKind::Volume as i32,
-                severity: Severity::Critical as i32,
-                workload: Some(Workload {
-                    namespace: namespace.into(),
-                    pod: pod.into(),
-                    cgroup_id: 42,
-                    cgroup_path: cgroup_path.into(),
-                    ..Default::default()
-                }),
-                summary: "150 MB to 203.0.113.7:443 in 10 min".into(),
-                bytes_estimate: 150_000_000,
-                window_seconds: 600,
-                threshold: 100_000_000,
-                evidence: Some(Evidence::default()),
-                ..Default::default()
-            })),
-        };
-        self.tx.send(msg).await.unwrap();
-    }
-
-    /// The next command other than Welcome, PolicyUpdate and Ack.
-    async fn command(&mut self) -> controller_message::Payload {
-        loop {
-            let msg = tokio::time::timeout(WAIT, self.rx.message())
-                .await
-                .expect("a command in time")
-                .expect("stream ok")
-                .expect("stream open");
-            match msg.payload {
-                Some(
-                    controller_message::Payload::Welcome(_)
-                    | controller_message::Payload::Ack(_)
-                    | controller_message::Payload::PolicyUpdate(_),
-                )
-                | None => continue,
-                Some(other) => return other,
-            }
-        }
-    }
-
-    /// The incident id of the first incident's opening, from the Acks'
-    /// side: the Block names it.
-    async fn block(&mut self) -> String {
-        match self.command().await {
-            controller_message::Payload::Block(b) => {
-                assert_eq!(b.cgroup_id, 42);
-                b.incident_id
-            }
-            other => panic!("expected a Block, got {other:?}"),
-        }
-    }
+/// The id of the incident the agent's next command, a Block of cgroup 42,
+/// is for.
+async fn blocked(agent: &mut TestAgent) -> String {
+    let b = agent.block().await;
+    assert_eq!(b.cgroup_id, 42);
+    b.incident_id
 }
 
 fn pod_path(ns: &str) -> String {
@@ -344,9 +257,9 @@ fn lockdown_script(ns: &str, incident: &str) -> Vec<Expect> {
 #[tokio::test]
 async fn lockdown_reaches_agent_and_api_and_release_undoes_both() {
     let mut stack = Stack::start(PolicyAction::Lockdown).await;
-    let mut agent = Agent::open(stack.channel.clone()).await;
-    agent.detect(1, "shop").await;
-    let id = agent.block().await;
+    let mut agent = TestAgent::connect(stack.channel.clone(), "n1").await;
+    agent.detect(1, workload("shop", POD, CGROUP)).await;
+    let id = blocked(&mut agent).await;
     answer_unordered(&mut stack.api, lockdown_script("shop", &id), &capture).await;
     let entry = stack.timeline_entry(&id, "kubernetes lockdown").await;
     assert_eq!(
@@ -357,7 +270,7 @@ async fn lockdown_reaches_agent_and_api_and_release_undoes_both() {
         )
     );
     // A second detection of the same episode contains nothing again.
-    agent.detect(2, "shop").await;
+    agent.detect(2, workload("shop", POD, CGROUP)).await;
     no_request_but(&mut stack.api, Duration::from_millis(500), &capture).await;
 
     IncidentsClient::new(stack.channel.clone())
@@ -422,9 +335,9 @@ async fn lockdown_reaches_agent_and_api_and_release_undoes_both() {
 async fn api_outage_is_retried_then_recorded() {
     let mut stack = Stack::start(PolicyAction::Lockdown).await;
     let channel = stack.channel.clone();
-    let mut agent = Agent::open(stack.channel.clone()).await;
-    agent.detect(1, "shop").await;
-    let id = agent.block().await;
+    let mut agent = TestAgent::connect(stack.channel.clone(), "n1").await;
+    agent.detect(1, workload("shop", POD, CGROUP)).await;
+    let id = blocked(&mut agent).await;
     // Every read fails (the evidence capture's too); the lockdown tries four
     // times (0.5 + 1 + 2 s apart), then the timeline says so; the in-kernel
     // Block was sent regardless.
@@ -468,8 +381,8 @@ async fn api_outage_is_retried_then_recorded() {
 #[tokio::test]
 async fn dry_run_records_the_plan_and_writes_nothing() {
     let mut stack = Stack::start(PolicyAction::DryRun).await;
-    let agent = Agent::open(stack.channel.clone()).await;
-    agent.detect(1, "shop").await;
+    let agent = TestAgent::connect(stack.channel.clone(), "n1").await;
+    agent.detect(1, workload("shop", POD, CGROUP)).await;
     // No Block, no API call: find the incident by listing.
     let id = stack.first_incident().await;
     let entry = stack.timeline_entry(&id, "dry-run: kubernetes").await;
@@ -493,8 +406,8 @@ async fn dry_run_records_the_plan_and_writes_nothing() {
 #[tokio::test]
 async fn protected_namespace_is_left_alone_and_says_so() {
     let mut stack = Stack::start(PolicyAction::Lockdown).await;
-    let agent = Agent::open(stack.channel.clone()).await;
-    agent.detect(1, "kube-system").await;
+    let agent = TestAgent::connect(stack.channel.clone(), "n1").await;
+    agent.detect(1, workload("kube-system", POD, CGROUP)).await;
     let id = stack.first_incident().await;
     stack
         .timeline_entry(
@@ -535,9 +448,9 @@ async fn real_cluster_incident_lockdown_then_release() {
 
     let (_unused, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let stack = Stack::with_client(PolicyAction::Lockdown, client.clone(), handle).await;
-    let mut agent = Agent::open(stack.channel.clone()).await;
-    agent.detect_pod(1, &ns.name, "web-0", &cgroup).await;
-    let id = agent.block().await;
+    let mut agent = TestAgent::connect(stack.channel.clone(), "n1").await;
+    agent.detect(1, workload(&ns.name, "web-0", &cgroup)).await;
+    let id = blocked(&mut agent).await;
     stack
         .timeline_entry(&id, "kubernetes lockdown: NetworkPolicy")
         .await;

@@ -21,14 +21,12 @@ use exfilguard_controller::{
     },
 };
 use exfilguard_proto::v1::{
-    AgentMessage, Detection, DetectionKind, GetIncidentRequest, Hello, IncidentState, PolicyAction,
-    Severity, Workload, agent_gateway_client::AgentGatewayClient, agent_message,
-    controller_message, incidents_client::IncidentsClient,
+    Detection, DetectionKind, GetIncidentRequest, IncidentState, PolicyAction, Severity, Workload,
+    incidents_client::IncidentsClient,
 };
 use kube::{Client, client::Body};
 use serde_json::{Value, json};
 use support::kube_mock::{Handle, parse_query, status};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::http::{Method, Request, Response, StatusCode};
 use tower_test::mock;
 
@@ -104,6 +102,29 @@ fn record_of(body: &Value) -> exfilguard_controller::store::sqlite::replica::Inc
 
 type Respond = mock::SendResponse<Response<Body>>;
 
+/// A replica's store over the mock API server (the test answers `api`).
+fn mock_store(dir: &std::path::Path) -> (std::sync::Arc<KubeStore>, Pin<Box<Handle>>) {
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let (store, _merged) = KubeStore::new(
+        SqliteStore::open(&dir.join("a.db")).unwrap(),
+        Client::new(svc, "default"),
+        NS,
+        tokio::runtime::Handle::current(),
+    );
+    (store, Box::pin(handle))
+}
+
+/// n1 says Hello and sends a critical detection of `db-0`, on a blocking
+/// thread (the store waits on the API server).
+fn spawn_ingest(store: &std::sync::Arc<KubeStore>) -> tokio::task::JoinHandle<Vec<IngestOutcome>> {
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || {
+        hello(s.as_ref(), "n1");
+        s.ingest(&[detection("n1", 1, "db-0", 7)], &lockdown())
+            .unwrap()
+    })
+}
+
 /// One request the client made.
 struct Req {
     method: Method,
@@ -151,23 +172,11 @@ fn field_manager() -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_create_then_update_status_on_the_version_they_saw_and_merge_on_conflict() {
     let dir = tempfile::tempdir().unwrap();
-    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let mut api = Box::pin(handle);
-    let (store, _merged) = KubeStore::new(
-        SqliteStore::open(&dir.path().join("a.db")).unwrap(),
-        Client::new(svc, "default"),
-        NS,
-        tokio::runtime::Handle::current(),
-    );
+    let (store, mut api) = mock_store(dir.path());
 
     // A detection: the incident is created, then its status written on the
     // version the create returned.
-    let s = store.clone();
-    let ingest = tokio::task::spawn_blocking(move || {
-        hello(s.as_ref(), "n1");
-        s.ingest(&[detection("n1", 1, "db-0", 7)], &lockdown())
-            .unwrap()
-    });
+    let ingest = spawn_ingest(&store);
     let create = next(&mut api).await;
     assert_eq!(
         (&create.method, create.path.as_str()),
@@ -267,20 +276,8 @@ async fn writes_create_then_update_status_on_the_version_they_saw_and_merge_on_c
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_the_api_server_refuses_is_kept_and_written_later() {
     let dir = tempfile::tempdir().unwrap();
-    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let mut api = Box::pin(handle);
-    let (store, _merged) = KubeStore::new(
-        SqliteStore::open(&dir.path().join("a.db")).unwrap(),
-        Client::new(svc, "default"),
-        NS,
-        tokio::runtime::Handle::current(),
-    );
-    let s = store.clone();
-    let ingest = tokio::task::spawn_blocking(move || {
-        hello(s.as_ref(), "n1");
-        s.ingest(&[detection("n1", 1, "db-0", 7)], &lockdown())
-            .unwrap()
-    });
+    let (store, mut api) = mock_store(dir.path());
+    let ingest = spawn_ingest(&store);
     let create = next(&mut api).await;
     create.reply(
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -397,34 +394,8 @@ async fn another_replicas_containment_blocks_the_agent_connected_here() {
         watch.query
     );
 
-    let channel = {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
-        let mut ch = None;
-        for _ in 0..50 {
-            if let Ok(c) = endpoint.connect().await {
-                ch = Some(c);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        ch.expect("controller up")
-    };
-    let (tx, out) = tokio::sync::mpsc::channel(4);
-    tx.send(AgentMessage {
-        payload: Some(agent_message::Payload::Hello(Hello {
-            node_name: "n2".into(),
-            agent_version: "test".into(),
-            ..Default::default()
-        })),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut rx = AgentGatewayClient::new(channel.clone())
-        .connect(ReceiverStream::new(out))
-        .await
-        .unwrap()
-        .into_inner();
+    let channel = support::agent::channel(addr).await;
+    let mut agent = support::agent::TestAgent::connect(channel.clone(), "n2").await;
 
     // b's write arrives by watch.
     let mut event = serde_json::to_vec(&json!({"type": "ADDED", "object": theirs})).unwrap();
@@ -433,16 +404,7 @@ async fn another_replicas_containment_blocks_the_agent_connected_here() {
     *res.status_mut() = StatusCode::OK;
     watch.respond.send_response(res);
 
-    let block = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let msg = rx.message().await.unwrap().expect("stream open");
-            if let Some(controller_message::Payload::Block(b)) = msg.payload {
-                return b;
-            }
-        }
-    })
-    .await
-    .expect("the Block reaches the agent connected here");
+    let block = agent.block().await;
     assert_eq!(block.incident_id, id);
     assert_eq!(block.cgroup_id, 4242);
 
@@ -495,8 +457,7 @@ async fn another_replicas_containment_blocks_the_agent_connected_here() {
     .await;
     assert!(quiet.is_err());
     // The agent hangs up, then the controller stops.
-    drop(tx);
-    drop(rx);
+    drop(agent);
     let _ = stop.send(());
     server.await.unwrap().unwrap();
 }
@@ -704,20 +665,8 @@ async fn two_replicas_against_a_real_api_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_api_server_does_not_hold_up_ingest() {
     let dir = tempfile::tempdir().unwrap();
-    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let mut api = Box::pin(handle);
-    let (store, _merged) = KubeStore::new(
-        SqliteStore::open(&dir.path().join("a.db")).unwrap(),
-        Client::new(svc, "default"),
-        NS,
-        tokio::runtime::Handle::current(),
-    );
-    let s = store.clone();
-    let ingest = tokio::task::spawn_blocking(move || {
-        hello(s.as_ref(), "n1");
-        s.ingest(&[detection("n1", 1, "db-0", 7)], &lockdown())
-            .unwrap()
-    });
+    let (store, mut api) = mock_store(dir.path());
+    let ingest = spawn_ingest(&store);
     // The create arrives and is never answered.
     let create = next(&mut api).await;
     assert_eq!(create.method, Method::POST);
