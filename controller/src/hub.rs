@@ -187,7 +187,9 @@ impl Hub {
                 }
                 Effect::SetCap { node, set_cap } => {
                     let id = set_cap.incident_id.clone();
-                    if !self.send(&node, controller_message::Payload::SetCap(set_cap)) {
+                    if !self.send(&node, controller_message::Payload::SetCap(set_cap))
+                        && !self.away()
+                    {
                         self.note(store, &id, &format!("agent on {node} is not connected; the cap was not sent (send it again once the node is back)"));
                     }
                 }

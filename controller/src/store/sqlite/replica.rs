@@ -13,7 +13,7 @@
 use std::collections::HashSet;
 
 use exfilguard_proto::v1::{
-    Block, Incident, IncidentEventKind, IncidentState, PolicyAction, Unblock,
+    Block, Incident, IncidentEventKind, IncidentState, PolicyAction, SetCap, Unblock,
 };
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde::{Deserialize, Serialize};
@@ -158,7 +158,7 @@ pub struct DeliveryRow {
 }
 
 /// What a merge changed here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MergeOutcome {
     /// State before (`None`: the incident was new here).
     pub before: Option<i32>,
@@ -166,6 +166,21 @@ pub struct MergeOutcome {
     pub after: i32,
     /// Some row was added or changed.
     pub changed: bool,
+    /// The newest throttle among the timeline entries new here, as
+    /// `(bytes, window_seconds)` (`(0, 0)`: lifted): the cap for the agent.
+    pub throttle: Option<(u64, u32)>,
+}
+
+/// The cap a throttle timeline entry (written by the store's `throttle`)
+/// put in force; `(0, 0)` for a lift.
+fn throttle_of(cause: &str) -> Option<(u64, u32)> {
+    if cause.starts_with("throttle lifted:") {
+        return Some((0, 0));
+    }
+    let rest = cause.strip_prefix("throttle: in-kernel cap of ")?;
+    let (bytes, rest) = rest.split_once(" bytes per ")?;
+    let (window, _) = rest.split_once(" s sent to the agent on ")?;
+    Some((bytes.parse().ok()?, window.parse().ok()?))
 }
 
 fn b64() -> base64::engine::GeneralPurpose {
@@ -448,7 +463,13 @@ pub fn merge(tx: &Transaction<'_>, record: &IncidentRecord) -> Result<MergeOutco
             state
         }
     };
-    any |= merge_timeline(tx, &r.id, &record.timeline)?;
+    let added = merge_timeline(tx, &r.id, &record.timeline)?;
+    any |= !added.is_empty();
+    let throttle = added
+        .iter()
+        .filter_map(|e| Some((e.at_ms, throttle_of(&e.cause)?)))
+        .max_by_key(|(at, _)| *at)
+        .map(|(_, cap)| cap);
     for d in &record.detections {
         any |= changed(
             tx.prepare_cached(
@@ -507,12 +528,18 @@ pub fn merge(tx: &Transaction<'_>, record: &IncidentRecord) -> Result<MergeOutco
         before,
         after,
         changed: any,
+        throttle,
     })
 }
 
-fn merge_timeline(tx: &Transaction<'_>, id: &str, entries: &[TimelineRow]) -> Result<bool> {
+/// Adds the entries this store lacks; returns them.
+fn merge_timeline<'a>(
+    tx: &Transaction<'_>,
+    id: &str,
+    entries: &'a [TimelineRow],
+) -> Result<Vec<&'a TimelineRow>> {
     if entries.is_empty() {
-        return Ok(false);
+        return Ok(Vec::new());
     }
     let mut stmt = tx
         .prepare_cached("SELECT at_ms, actor, cause, state FROM timeline WHERE incident_id = ?1")
@@ -529,12 +556,12 @@ fn merge_timeline(tx: &Transaction<'_>, id: &str, entries: &[TimelineRow]) -> Re
         .map_err(Error::store("merge timeline"))?
         .collect::<rusqlite::Result<_>>()
         .map_err(Error::store("merge timeline"))?;
-    let mut any = false;
+    let mut added = Vec::new();
     for e in entries.iter().filter(|e| !have.contains(e)) {
         super::add_timeline(tx, id, e.at_ms, &e.actor, &e.cause, e.state)?;
-        any = true;
+        added.push(e);
     }
-    Ok(any)
+    Ok(added)
 }
 
 fn merge_alert(tx: &Transaction<'_>, id: &str, a: &AlertRow) -> Result<bool> {
@@ -669,6 +696,22 @@ fn effects(tx: &Transaction<'_>, outcome: &MergeOutcome, id: &str) -> Result<Vec
             incident_id: id.to_string(),
             workload: Box::new(workload.clone()),
             dry_run: true,
+        });
+    }
+    // A responder throttled (or lifted) on another replica: the cap goes to
+    // the agent if it is connected here.
+    if let Some((bytes, window_seconds)) = outcome.throttle
+        && workload.cgroup_id != 0
+    {
+        out.push(Effect::SetCap {
+            node: incident.node.clone(),
+            set_cap: SetCap {
+                cgroup_id: workload.cgroup_id,
+                bytes,
+                window_seconds,
+                reason: format!("incident {id}: throttled on another controller replica"),
+                incident_id: id.to_string(),
+            },
         });
     }
     // Released here by this merge: lift what was in force. A replica that
@@ -994,6 +1037,49 @@ mod tests {
         // a takes over: only the pending one is due, and not before b said.
         assert!(a.due_deliveries(4_999, 10).unwrap().is_empty());
         assert_eq!(a.due_deliveries(5_000, 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_throttle_made_on_another_replica_caps_the_agent_here() {
+        let (_da, a) = open();
+        let (_db, b) = open();
+        let id = opened_id(&detect(&a, "n1", 1));
+        sync(&a, &b, &id);
+        a.throttle(
+            &id,
+            "alice",
+            1_000_000,
+            600,
+            "slow it down",
+            1_795_356_300_000,
+        )
+        .unwrap();
+        let (_, effects) = b
+            .merge_incident(&a.export_incident(&id).unwrap().unwrap())
+            .unwrap();
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, Effect::SetCap { node, set_cap }
+                if node == "n1" && set_cap.cgroup_id == 7 && set_cap.bytes == 1_000_000
+                    && set_cap.window_seconds == 600)),
+            "{effects:?}"
+        );
+        a.throttle(&id, "alice", 0, 0, "enough", 1_795_356_301_000)
+            .unwrap();
+        let (_, effects) = b
+            .merge_incident(&a.export_incident(&id).unwrap().unwrap())
+            .unwrap();
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, Effect::SetCap { set_cap, .. } if set_cap.bytes == 0)),
+            "{effects:?}"
+        );
+        assert_eq!(
+            throttle_of("acknowledged: throttle: in-kernel cap of"),
+            None
+        );
     }
 
     #[test]
