@@ -88,7 +88,7 @@ impl Hub {
         self.replicated.store(true, Ordering::Relaxed);
     }
 
-    fn away(&self) -> bool {
+    fn replicated(&self) -> bool {
         self.replicated.load(Ordering::Relaxed)
     }
 
@@ -180,7 +180,8 @@ impl Hub {
                 }
                 Effect::Block { node, block } => {
                     let id = block.incident_id.clone();
-                    if !self.send(&node, controller_message::Payload::Block(*block)) && !self.away()
+                    if !self.send(&node, controller_message::Payload::Block(*block))
+                        && !self.replicated()
                     {
                         self.note(store, &id, &format!("agent on {node} is not connected; the Block is sent when it reconnects"));
                     }
@@ -188,7 +189,7 @@ impl Hub {
                 Effect::SetCap { node, set_cap } => {
                     let id = set_cap.incident_id.clone();
                     if !self.send(&node, controller_message::Payload::SetCap(set_cap))
-                        && !self.away()
+                        && !self.replicated()
                     {
                         self.note(store, &id, &format!("agent on {node} is not connected; the cap was not sent (send it again once the node is back)"));
                     }
@@ -196,7 +197,7 @@ impl Hub {
                 Effect::Unblock { node, unblock } => {
                     let id = unblock.incident_id.clone();
                     if !self.send(&node, controller_message::Payload::Unblock(unblock))
-                        && !self.away()
+                        && !self.replicated()
                     {
                         self.note(store, &id, &format!("agent on {node} is not connected; it drops the Block when it reconnects (no longer re-sent)"));
                     }

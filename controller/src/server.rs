@@ -232,9 +232,9 @@ fn open_store(
     config: &ServerConfig,
     local: SqliteStore,
     hub: &Arc<Hub>,
-) -> (Arc<dyn Store>, AbortOnDrop) {
+) -> (Arc<dyn Store>, Vec<AbortOnDrop>) {
     let Some(client) = config.kube.as_ref().filter(|_| config.duties.incidents) else {
-        return (Arc::new(local), AbortOnDrop(None));
+        return (Arc::new(local), Vec::new());
     };
     let (kube_store, mut merged) = KubeStore::new(
         local,
@@ -257,12 +257,7 @@ fn open_store(
     tracing::info!(namespace = %config.namespace, "incidents kept in ExfilIncident objects");
     (
         store,
-        AbortOnDrop(Some(tokio::spawn(async move {
-            // Both stop when this is aborted (the server returned).
-            let _pump = AbortOnDrop(Some(pump));
-            let _follow = AbortOnDrop(Some(follow));
-            std::future::pending::<()>().await;
-        }))),
+        vec![AbortOnDrop(Some(pump)), AbortOnDrop(Some(follow))],
     )
 }
 

@@ -186,9 +186,10 @@ struct Serve {
         default_value = "containment,evidence,exfilpolicies,incidents"
     )]
     kubernetes_duties: Vec<Duty>,
-    /// Namespace of the controller's own objects (ExfilIncidents); in a pod,
-    /// the pod's namespace from the downward API.
-    #[arg(long, env = "POD_NAMESPACE", default_value = "exfilguard-system")]
+    /// Namespace of the controller's own objects (ExfilIncidents, the
+    /// leader-election Lease); in a pod, the pod's namespace from the
+    /// downward API.
+    #[arg(long, env = "POD_NAMESPACE", default_value = lease::DEFAULT_NAMESPACE)]
     namespace: String,
     /// Let a locked-down pod still reach cluster DNS (kube-system pods
     /// labelled k8s-app=kube-dns). Off by default: DNS is an exfiltration path.
@@ -211,9 +212,6 @@ struct Serve {
         default_value = "auto"
     )]
     leader_elect: LeaderElect,
-    /// Namespace of the Lease.
-    #[arg(long, env = "POD_NAMESPACE", default_value = lease::DEFAULT_NAMESPACE)]
-    lease_namespace: String,
     /// Name of the Lease.
     #[arg(long, env = "EXFILGUARD_LEASE_NAME", default_value = lease::DEFAULT_NAME)]
     lease_name: String,
@@ -328,10 +326,10 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
         }
         (_, None) => None,
         (_, Some(_)) => {
-            let mut c = lease::LeaseConfig::new(args.lease_namespace)
+            // Checked when the election starts (lease::spawn).
+            let mut c = lease::LeaseConfig::new(args.namespace.clone())
                 .with_lease_duration(args.lease_duration);
             c.name = args.lease_name;
-            c.validate()?;
             Some(c)
         }
     };

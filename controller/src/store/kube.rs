@@ -319,9 +319,9 @@ impl KubeStore {
         let mine = self
             .local
             .export_incident(&id)?
-            .map(|r| trim(r).0)
             .ok_or_else(|| Error::Unavailable(format!("incident {id} vanished after a merge")))?;
-        Ok(covers(&record, &mine))
+        let omitted = obj.status.as_ref().map_or(&[][..], |s| &s.evidence[..]);
+        Ok(covers(&record, omitted, &mine))
     }
 
     fn remember(&self, id: &str, rv: String) -> Result<()> {
@@ -431,11 +431,18 @@ fn api(op: &'static str) -> impl Fn(kube::Error) -> Error {
 }
 
 /// Whether `remote` holds every row of `mine` (after both were merged, the
-/// incident rows are equal when it does).
-fn covers(remote: &IncidentRecord, mine: &IncidentRecord) -> bool {
+/// incident rows are equal when it does). Evidence the writer left out of
+/// the record for its size (listed `omitted` in `digests`) counts as held:
+/// writing it again would leave it out again.
+fn covers(remote: &IncidentRecord, digests: &[EvidenceDigest], mine: &IncidentRecord) -> bool {
     if remote.incident != mine.incident {
         return false;
     }
+    let omitted: HashSet<_> = digests
+        .iter()
+        .filter(|d| d.omitted)
+        .map(|d| (&d.kind, &d.sha256))
+        .collect();
     let timeline: HashSet<_> = remote.timeline.iter().collect();
     let detections: HashSet<_> = remote.detections.iter().map(|d| (&d.node, d.seq)).collect();
     let evidence: HashSet<_> = remote
@@ -448,10 +455,10 @@ fn covers(remote: &IncidentRecord, mine: &IncidentRecord) -> bool {
             .detections
             .iter()
             .all(|d| detections.contains(&(&d.node, d.seq)))
-        && mine
-            .evidence
-            .iter()
-            .all(|e| evidence.contains(&(&e.kind, e.captured_ms, &e.sha256)))
+        && mine.evidence.iter().all(|e| {
+            evidence.contains(&(&e.kind, e.captured_ms, &e.sha256))
+                || omitted.contains(&(&e.kind, &e.sha256))
+        })
         && mine.alerts.iter().all(|a| {
             remote.alerts.iter().any(|r| {
                 r.transition == a.transition
@@ -922,7 +929,7 @@ mod tests {
     fn covers_needs_every_row_of_ours() {
         let mut ours = record(vec![item("pod", 10, 1)]);
         let theirs = ours.clone();
-        assert!(covers(&theirs, &ours));
+        assert!(covers(&theirs, &[], &ours));
         ours.timeline
             .push(crate::store::sqlite::replica::TimelineRow {
                 at_ms: 1,
@@ -930,7 +937,21 @@ mod tests {
                 cause: "note".into(),
                 state: 2,
             });
-        assert!(!covers(&theirs, &ours));
-        assert!(covers(&ours, &theirs));
+        assert!(!covers(&theirs, &[], &ours));
+        assert!(covers(&ours, &[], &theirs));
+    }
+
+    #[test]
+    fn evidence_left_out_for_size_counts_as_held() {
+        let ours = record(vec![
+            item("pod", 300 * 1024, 1),
+            item("events", 310 * 1024, 2),
+            item("flows", 290 * 1024, 3),
+        ]);
+        let status = to_object(ours.clone()).unwrap().status.unwrap();
+        let theirs = decode_record(&status.record).unwrap();
+        assert!(theirs.evidence.len() < ours.evidence.len());
+        assert!(covers(&theirs, &status.evidence, &ours));
+        assert!(!covers(&theirs, &[], &ours));
     }
 }

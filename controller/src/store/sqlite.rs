@@ -640,10 +640,13 @@ impl Store for SqliteStore {
     fn hello(&self, info: &AgentInfo, now_ms: u64) -> Result<u64> {
         let conn = self.writer()?;
         conn.execute(
-            "INSERT INTO agents (node, agent_version, kernel_release, first_seen_ms, last_seen_ms, dropped_flow_reports, dropped_detections)
-             VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6)
+            // The highest stored number counts detections another replica
+            // stored too (merged in, see replica::merge), so their resends
+            // are recognised like any other.
+            "INSERT INTO agents (node, agent_version, kernel_release, first_seen_ms, last_seen_ms, dropped_flow_reports, dropped_detections, last_seq)
+             VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6, COALESCE((SELECT MAX(seq) FROM detections WHERE node = ?1), 0))
              ON CONFLICT(node) DO UPDATE SET agent_version = ?2, kernel_release = ?3, last_seen_ms = ?4,
-                dropped_flow_reports = ?5, dropped_detections = ?6",
+                dropped_flow_reports = ?5, dropped_detections = ?6, last_seq = MAX(last_seq, excluded.last_seq)",
             params![info.node, info.agent_version, info.kernel_release, now_ms, info.dropped_flow_reports, info.dropped_detections],
         )
         .map_err(Error::store("hello"))?;
@@ -676,19 +679,7 @@ impl Store for SqliteStore {
                 outcomes.push(IngestOutcome::Duplicate);
                 continue;
             }
-            // Another replica may have stored it before the agent moved here
-            // (its record merged into this store): a resend all the same.
-            let replicated = matches!(msg.payload, Payload::Detection(_))
-                && tx
-                    .prepare_cached(
-                        "SELECT EXISTS(SELECT 1 FROM detections WHERE node = ?1 AND seq = ?2)",
-                    )
-                    .and_then(|mut s| {
-                        s.query_row(params![msg.node, msg.seq], |r| r.get::<_, bool>(0))
-                    })
-                    .map_err(Error::store("known detection"))?;
             let effects = match &msg.payload {
-                _ if replicated => Vec::new(),
                 Payload::Flow(report) => {
                     Self::store_flow(&tx, msg, report)?;
                     Vec::new()
@@ -707,11 +698,7 @@ impl Store for SqliteStore {
                 ])
             })
             .map_err(Error::store("advance seq"))?;
-            outcomes.push(if replicated {
-                IngestOutcome::Duplicate
-            } else {
-                IngestOutcome::Stored(effects)
-            });
+            outcomes.push(IngestOutcome::Stored(effects));
         }
         tx.commit().map_err(Error::store("commit"))?;
         Ok(outcomes)

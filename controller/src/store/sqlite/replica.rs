@@ -238,14 +238,7 @@ pub fn export(conn: &Connection, id: &str) -> Result<Option<IncidentRecord>> {
         "SELECT at_ms, actor, cause, state FROM timeline WHERE incident_id = ?1
          ORDER BY at_ms, actor, cause, state",
         id,
-        |r| {
-            Ok(TimelineRow {
-                at_ms: r.get(0)?,
-                actor: r.get(1)?,
-                cause: r.get(2)?,
-                state: r.get(3)?,
-            })
-        },
+        timeline_row,
     )?;
     let detections = rows(
         conn,
@@ -336,6 +329,16 @@ pub fn export(conn: &Connection, id: &str) -> Result<Option<IncidentRecord>> {
         evidence,
         alerts,
     }))
+}
+
+/// A timeline row from `SELECT at_ms, actor, cause, state`.
+fn timeline_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TimelineRow> {
+    Ok(TimelineRow {
+        at_ms: r.get(0)?,
+        actor: r.get(1)?,
+        cause: r.get(2)?,
+        state: r.get(3)?,
+    })
 }
 
 fn rows<T>(
@@ -471,6 +474,12 @@ pub fn merge(tx: &Transaction<'_>, record: &IncidentRecord) -> Result<MergeOutco
         .max_by_key(|(at, _)| *at)
         .map(|(_, cap)| cap);
     for d in &record.detections {
+        // The node's highest stored number moves past it, so the agent's
+        // resend of it here (it moved before the other replica's Ack
+        // reached it) is a duplicate, as on the replica that stored it.
+        tx.prepare_cached("UPDATE agents SET last_seq = MAX(last_seq, ?2) WHERE node = ?1")
+            .and_then(|mut s| s.execute(params![d.node, d.seq]))
+            .map_err(Error::store("merge detections"))?;
         any |= changed(
             tx.prepare_cached(
                 "INSERT OR IGNORE INTO detections (node, seq, incident_id, detection_id, json, sha256, stored_ms)
@@ -545,14 +554,7 @@ fn merge_timeline<'a>(
         .prepare_cached("SELECT at_ms, actor, cause, state FROM timeline WHERE incident_id = ?1")
         .map_err(Error::store("merge timeline"))?;
     let have: HashSet<TimelineRow> = stmt
-        .query_map([id], |r| {
-            Ok(TimelineRow {
-                at_ms: r.get(0)?,
-                actor: r.get(1)?,
-                cause: r.get(2)?,
-                state: r.get(3)?,
-            })
-        })
+        .query_map([id], timeline_row)
         .map_err(Error::store("merge timeline"))?
         .collect::<rusqlite::Result<_>>()
         .map_err(Error::store("merge timeline"))?;
@@ -831,7 +833,7 @@ mod tests {
         }
     }
 
-    fn detect(store: &SqliteStore, node: &str, seq: u64) -> Vec<IngestOutcome> {
+    fn hello(store: &SqliteStore, node: &str) -> u64 {
         store
             .hello(
                 &AgentInfo {
@@ -840,7 +842,17 @@ mod tests {
                 },
                 1,
             )
-            .unwrap();
+            .unwrap()
+    }
+
+    /// n1 (or `node`) says Hello, then sends detection `seq`.
+    fn detect(store: &SqliteStore, node: &str, seq: u64) -> Vec<IngestOutcome> {
+        hello(store, node);
+        send(store, node, seq)
+    }
+
+    /// Detection `seq` on a stream that already said Hello.
+    fn send(store: &SqliteStore, node: &str, seq: u64) -> Vec<IngestOutcome> {
         let msg = Ingest {
             node: node.into(),
             seq,
@@ -939,14 +951,31 @@ mod tests {
     }
 
     #[test]
+    fn a_detection_merged_after_the_agent_said_hello_is_a_resend_too() {
+        let (_da, a) = open();
+        let (_db, b) = open();
+        // n1 says Hello to b before a's record of seq 1 arrives, then
+        // resends seq 1 on that stream.
+        assert_eq!(hello(&b, "n1"), 0);
+        let id = opened_id(&detect(&a, "n1", 1));
+        b.merge_incident(&a.export_incident(&id).unwrap().unwrap())
+            .unwrap();
+        let out = send(&b, "n1", 1);
+        assert!(matches!(out[0], IngestOutcome::Duplicate));
+        assert_eq!(b.get_incident(&id).unwrap().detection_count, 1);
+    }
+
+    #[test]
     fn a_detection_another_replica_stored_is_a_resend_here() {
         let (_da, a) = open();
         let (_db, b) = open();
         let id = opened_id(&detect(&a, "n1", 1));
         b.merge_incident(&a.export_incident(&id).unwrap().unwrap())
             .unwrap();
-        // The agent moved to b before a's Ack reached it: it resends seq 1.
-        let out = detect(&b, "n1", 1);
+        // The agent moved to b before a's Ack reached it: its Hello learns
+        // seq 1 is stored, and a resend of it is a duplicate.
+        assert_eq!(hello(&b, "n1"), 1);
+        let out = send(&b, "n1", 1);
         assert!(matches!(out[0], IngestOutcome::Duplicate));
         assert_eq!(b.get_incident(&id).unwrap().detection_count, 1);
         // Its next detection updates the same incident.
