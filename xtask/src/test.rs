@@ -20,6 +20,8 @@ use crate::{cargo::BuildEnv, process};
 
 /// The package of tests that need root, namespaces and a real kernel.
 const KERNEL_TESTS_PACKAGE: &str = "exfilguard-tests";
+/// Its directory, relative to the workspace root.
+const KERNEL_TESTS_DIR: &str = "tests";
 
 /// Options of `cargo xtask test`.
 #[derive(Debug, clap::Args)]
@@ -96,8 +98,7 @@ fn run_stages(
     }
 
     stage("kernel tests (root)");
-    let bin_dir = build_binaries(env)?;
-    let binaries = build_kernel_tests(env)?;
+    let (bin_dir, binaries) = build_kernel_tests(env)?;
     if binaries.is_empty() {
         bail!("cargo built no test binary for {KERNEL_TESTS_PACKAGE}");
     }
@@ -223,17 +224,50 @@ pub fn build_binaries(env: &BuildEnv) -> anyhow::Result<PathBuf> {
     bail!("cargo built no binary for exfilguard-agent / exfilguard-controller / exfilguard-lab")
 }
 
-fn build_kernel_tests(env: &BuildEnv) -> anyhow::Result<Vec<TestBinary>> {
+/// Builds the kernel tests and the binaries they start, without running
+/// them: the test executables and the directory of the binaries.
+///
+/// One `--workspace --all-targets` build: the same package selection as the
+/// unit tests, so cargo resolves the same features and reuses what they
+/// built. Narrower selections (`-p exfilguard-tests`, `--bins` alone) resolve
+/// other features and rebuild most dependencies a second time, which costs
+/// minutes and gigabytes in CI.
+fn build_kernel_tests(env: &BuildEnv) -> anyhow::Result<(PathBuf, Vec<TestBinary>)> {
     let mut cmd = env.cargo([
-        "test",
-        "--package",
-        KERNEL_TESTS_PACKAGE,
-        "--no-run",
+        "build",
+        "--workspace",
+        "--all-targets",
         // Diagnostics rendered to stderr as usual; stdout is JSON only.
         "--message-format=json-render-diagnostics",
     ]);
     let stdout = process::stdout(&mut cmd)?;
-    test_binaries(&stdout)
+    let bin_dir = bin_dir(&stdout)?;
+    let kernel_dir = crate::workspace_root().join(KERNEL_TESTS_DIR);
+    let kernel_dir = kernel_dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", kernel_dir.display()))?;
+    let binaries = test_binaries(&stdout)?
+        .into_iter()
+        .filter(|b| b.package_dir == kernel_dir)
+        .collect();
+    Ok((bin_dir, binaries))
+}
+
+/// The directory of the (non-test) binaries in cargo's JSON output.
+fn bin_dir(cargo_json: &str) -> anyhow::Result<PathBuf> {
+    for line in cargo_json.lines().filter(|line| line.starts_with('{')) {
+        let message: Value = serde_json::from_str(line)
+            .with_context(|| format!("cargo printed a line that is not JSON: {line}"))?;
+        if message["reason"] == "compiler-artifact"
+            && message["profile"]["test"] == false
+            && message["target"]["kind"][0] == "bin"
+            && let Some(exe) = message["executable"].as_str()
+            && let Some(dir) = Path::new(exe).parent()
+        {
+            return Ok(dir.to_path_buf());
+        }
+    }
+    bail!("cargo built no binary")
 }
 
 /// The test executables in cargo's `--message-format=json` output.
@@ -272,7 +306,7 @@ fn is_root() -> bool {
 mod tests {
     use std::path::PathBuf;
 
-    use super::{TestBinary, test_binaries};
+    use super::{TestBinary, bin_dir, test_binaries};
 
     #[test]
     fn only_test_artifacts_with_executables_are_listed() {
@@ -295,6 +329,16 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn the_bin_dir_is_where_a_non_test_binary_went() {
+        let json = r#"{"reason":"compiler-artifact","manifest_path":"/w/tests/Cargo.toml","target":{"kind":["test"],"name":"egress"},"profile":{"test":true},"executable":"/w/target/debug/deps/egress-4567","fresh":false}
+{"reason":"compiler-artifact","manifest_path":"/w/agent/Cargo.toml","target":{"kind":["lib"],"name":"exfilguard_agent"},"profile":{"test":false},"executable":null,"fresh":true}
+{"reason":"compiler-artifact","manifest_path":"/w/agent/Cargo.toml","target":{"kind":["bin"],"name":"exfilguard-agent"},"profile":{"test":false},"executable":"/w/target/debug/exfilguard-agent","fresh":true}
+"#;
+        assert_eq!(bin_dir(json).unwrap(), PathBuf::from("/w/target/debug"));
+        assert!(bin_dir("").is_err());
     }
 
     #[test]

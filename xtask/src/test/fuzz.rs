@@ -81,6 +81,13 @@ pub fn run(env: &BuildEnv, root: &Path, counts: &mut Counts) -> anyhow::Result<(
             }
         }
     }
+    if std::env::var_os("CI").is_some() {
+        // CI's clean clone never reuses the instrumented build (~2 GB), and
+        // the kernel tests still need the disk.
+        let target = root.join(FUZZ_DIR).join("target");
+        std::fs::remove_dir_all(&target)
+            .with_context(|| format!("removing {}", target.display()))?;
+    }
     if !failed.is_empty() {
         anyhow::bail!(
             "fuzz targets failed: {} (the crashing input is in {FUZZ_DIR}/artifacts/<target>/; \
