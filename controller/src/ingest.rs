@@ -66,19 +66,23 @@ impl Ingestor {
 }
 
 fn run(store: Arc<dyn Store>, hub: Arc<Hub>, policy: ResponsePolicy, mut rx: mpsc::Receiver<Job>) {
-    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    let mut msgs: Vec<Ingest> = Vec::with_capacity(MAX_BATCH);
+    let mut replies: Vec<oneshot::Sender<Result<Stored>>> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
+        let mut next = Some(first);
+        while let Some(Job { msg, reply }) = next {
+            msgs.push(msg);
+            replies.push(reply);
+            next = if msgs.len() < MAX_BATCH {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
         }
-        let msgs: Vec<Ingest> = batch.iter().map(|j| j.msg.clone()).collect();
         match store.ingest(&msgs, &policy) {
             Ok(outcomes) => {
-                for (job, outcome) in batch.drain(..).zip(outcomes) {
+                msgs.clear();
+                for (reply, outcome) in replies.drain(..).zip(outcomes) {
                     let stored = match outcome {
                         IngestOutcome::Stored(effects) => {
                             hub.apply(store.as_ref(), effects);
@@ -87,7 +91,7 @@ fn run(store: Arc<dyn Store>, hub: Arc<Hub>, policy: ResponsePolicy, mut rx: mps
                         IngestOutcome::Duplicate => Stored::Duplicate,
                     };
                     // The stream may have gone; its agent resends.
-                    let _ = job.reply.send(Ok(stored));
+                    let _ = reply.send(Ok(stored));
                 }
             }
             Err(batch_err) => {
@@ -96,30 +100,29 @@ fn run(store: Arc<dyn Store>, hub: Arc<Hub>, policy: ResponsePolicy, mut rx: mps
                 // its later ones in this batch fail too: storing them would
                 // raise the node's high-water mark past the failed one, which
                 // would then be taken for a duplicate when resent.
-                tracing::warn!(error = %batch_err, size = batch.len(), "batch failed; retrying messages one by one");
+                tracing::warn!(error = %batch_err, size = msgs.len(), "batch failed; retrying messages one by one");
                 let mut failed_nodes = std::collections::HashSet::new();
-                for job in batch.drain(..) {
-                    if failed_nodes.contains(&job.msg.node) {
-                        let _ = job.reply.send(Err(Error::Unavailable(format!(
+                for (msg, reply) in msgs.drain(..).zip(replies.drain(..)) {
+                    if failed_nodes.contains(&msg.node) {
+                        let _ = reply.send(Err(Error::Unavailable(format!(
                             "an earlier message of node {} failed to store; resend from there",
-                            job.msg.node
+                            msg.node
                         ))));
                         continue;
                     }
-                    let result =
-                        store
-                            .ingest(std::slice::from_ref(&job.msg), &policy)
-                            .map(|mut o| match o.pop() {
-                                Some(IngestOutcome::Stored(effects)) => {
-                                    hub.apply(store.as_ref(), effects);
-                                    Stored::New
-                                }
-                                _ => Stored::Duplicate,
-                            });
+                    let result = store
+                        .ingest(std::slice::from_ref(&msg), &policy)
+                        .map(|mut o| match o.pop() {
+                            Some(IngestOutcome::Stored(effects)) => {
+                                hub.apply(store.as_ref(), effects);
+                                Stored::New
+                            }
+                            _ => Stored::Duplicate,
+                        });
                     if result.is_err() {
-                        failed_nodes.insert(job.msg.node.clone());
+                        failed_nodes.insert(msg.node);
                     }
-                    let _ = job.reply.send(result);
+                    let _ = reply.send(result);
                 }
             }
         }

@@ -11,7 +11,11 @@ mod evidence;
 mod outbox;
 pub mod replica;
 
-use std::{path::Path, sync::Mutex};
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    path::Path,
+    sync::Mutex,
+};
 
 use exfilguard_proto::v1::{
     Block, Detection, EvidenceItem, EvidenceRecord, FlowReport, Incident, IncidentEventKind,
@@ -117,6 +121,14 @@ const MIGRATIONS: &[&str] = &[
 pub struct SqliteStore {
     writer: Mutex<Connection>,
     reader: Mutex<Connection>,
+}
+
+/// A node's place in one ingest batch.
+struct NodeProgress<'a> {
+    /// Highest sequence number stored, counting this batch so far.
+    last_seq: u64,
+    /// The newest message of this batch stored for the node.
+    stored: Option<&'a Ingest>,
 }
 
 fn open(path: &Path) -> Result<Connection> {
@@ -662,20 +674,32 @@ impl Store for SqliteStore {
         let mut conn = self.writer()?;
         let tx = conn.transaction().map_err(Error::store("begin"))?;
         let mut outcomes = Vec::with_capacity(batch.len());
+        // Each node's row is read once and written once per batch, not per
+        // message: a batch holds several messages of most streams.
+        let mut nodes: HashMap<&str, NodeProgress> = HashMap::new();
         for msg in batch {
-            let last: Option<u64> = tx
-                .prepare_cached("SELECT last_seq FROM agents WHERE node = ?1")
-                .and_then(|mut s| s.query_row([&msg.node], |r| r.get(0)).optional())
-                .map_err(Error::store("last seq"))?;
-            let Some(last) = last else {
-                return Err(Error::FailedPrecondition(format!(
-                    "node {} has not said Hello",
-                    msg.node
-                )));
+            let progress = match nodes.entry(&msg.node) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => {
+                    let last: Option<u64> = tx
+                        .prepare_cached("SELECT last_seq FROM agents WHERE node = ?1")
+                        .and_then(|mut s| s.query_row([&msg.node], |r| r.get(0)).optional())
+                        .map_err(Error::store("last seq"))?;
+                    let Some(last_seq) = last else {
+                        return Err(Error::FailedPrecondition(format!(
+                            "node {} has not said Hello",
+                            msg.node
+                        )));
+                    };
+                    e.insert(NodeProgress {
+                        last_seq,
+                        stored: None,
+                    })
+                }
             };
             // Sequence numbers only grow per agent, so anything at or below the
             // highest stored one is a resend of something already stored.
-            if msg.seq <= last {
+            if msg.seq <= progress.last_seq {
                 outcomes.push(IngestOutcome::Duplicate);
                 continue;
             }
@@ -686,19 +710,26 @@ impl Store for SqliteStore {
                 }
                 Payload::Detection(d) => Self::store_detection(&tx, msg, d, policy)?,
             };
+            progress.last_seq = msg.seq;
+            progress.stored = Some(msg);
+            outcomes.push(IngestOutcome::Stored(effects));
+        }
+        for (node, progress) in &nodes {
+            let Some(last) = progress.stored else {
+                continue;
+            };
             tx.prepare_cached(
                 "UPDATE agents SET last_seq = ?2, last_seen_ms = ?3, lag_ms = ?4 WHERE node = ?1",
             )
             .and_then(|mut s| {
                 s.execute(params![
-                    msg.node,
-                    msg.seq,
-                    msg.received_ms,
-                    msg.received_ms.saturating_sub(msg.sent_at_ms)
+                    node,
+                    last.seq,
+                    last.received_ms,
+                    last.received_ms.saturating_sub(last.sent_at_ms)
                 ])
             })
             .map_err(Error::store("advance seq"))?;
-            outcomes.push(IngestOutcome::Stored(effects));
         }
         tx.commit().map_err(Error::store("commit"))?;
         Ok(outcomes)
