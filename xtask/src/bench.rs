@@ -40,6 +40,12 @@ const BENCHMARKS: &[Benchmark] = &[
         run: controller,
     },
     Benchmark {
+        name: "controller-burst",
+        about: "the same 500 agents offering 10× (200,000 msg/s) for 60 s: what the controller \
+            cannot take waits in the agents' journals; all of it stored, nothing lost (~10 min)",
+        run: controller_burst,
+    },
+    Benchmark {
         name: "lockdown",
         about: "detection received → Block on the agent's stream and → NetworkPolicy apply \
             request at kube's mock API server, 300 incidents (controller/examples/lockdown_bench.rs)",
@@ -101,7 +107,18 @@ fn detect(env: &BuildEnv) -> anyhow::Result<Vec<Measure>> {
 /// Runs the controller's load generator (controller/examples/loadgen.rs)
 /// against a real controller process and reads its measures.
 fn controller(env: &BuildEnv) -> anyhow::Result<Vec<Measure>> {
-    let out = Path::new(RESULTS_DIR).join("controller.json");
+    loadgen(env, "controller.json", &[])
+}
+
+/// The load generator with a 10× burst (`--burst 10`).
+fn controller_burst(env: &BuildEnv) -> anyhow::Result<Vec<Measure>> {
+    loadgen(env, "controller-burst.json", &["--burst", "10"])
+}
+
+/// Builds the controller and its load generator, runs it with `args`, and
+/// reads the measures it wrote to `RESULTS_DIR/file`.
+fn loadgen(env: &BuildEnv, file: &str, args: &[&str]) -> anyhow::Result<Vec<Measure>> {
+    let out = Path::new(RESULTS_DIR).join(file);
     process::run(&mut env.cargo([
         "build",
         "--release",
@@ -113,6 +130,7 @@ fn controller(env: &BuildEnv) -> anyhow::Result<Vec<Measure>> {
     ]))?;
     process::run(
         std::process::Command::new("target/release/examples/loadgen")
+            .args(args)
             .arg("--json")
             .arg(&out),
     )?;
