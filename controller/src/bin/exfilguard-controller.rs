@@ -377,6 +377,10 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
         .context("controller")
 }
 
+/// mimalloc, not glibc's malloc: see controller/Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
