@@ -27,6 +27,12 @@ use crate::{
     store::{Store, kube::KubeStore, sqlite::SqliteStore},
 };
 
+/// HTTP/2 receive window per stream: ~600 agent messages in flight, far
+/// more than a stream needs at full speed on a LAN.
+const STREAM_WINDOW: u32 = 64 * 1024;
+/// HTTP/2 receive window per connection (a client may hold a few streams).
+const CONNECTION_WINDOW: u32 = 256 * 1024;
+
 /// Certificate files for mutual TLS.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
@@ -360,7 +366,13 @@ pub async fn serve(
     let mut builder = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .max_concurrent_streams(Some(config.max_streams_per_connection));
+        .max_concurrent_streams(Some(config.max_streams_per_connection))
+        // What a stream may send before the controller has read it. hyper's
+        // 1 MiB default let 500 agents park ~500 MB in this process during a
+        // burst; with these windows what the store has not taken yet waits
+        // in the agents' journals instead.
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW));
     if let Some(tls) = &config.tls {
         let identity = Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
         // Client certificates are optional at the TLS layer so that a caller

@@ -377,9 +377,9 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
         .context("controller")
 }
 
-/// mimalloc, not glibc's malloc: see controller/Cargo.toml.
+/// jemalloc, not glibc's malloc: see controller/Cargo.toml.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

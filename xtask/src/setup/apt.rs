@@ -11,6 +11,8 @@ use crate::process;
 pub const PACKAGES: &[&str] = &[
     // proto/: tonic-prost-build runs protoc on exfilguard/v1/*.proto.
     "protobuf-compiler",
+    // The controller's allocator: tikv-jemalloc-sys builds jemalloc with make.
+    "make",
     // tests/ kernel tests: network namespaces and veth pairs (ip), and real
     // traffic whose bytes the eBPF counters are checked against.
     "iproute2",
