@@ -143,17 +143,17 @@ fn message(node: usize, seq: u64, detection_every: u64, now: u64) -> AgentMessag
     }
 }
 
-/// Messages generated on a tick: seqs from `first` on, all made at `at`.
+/// Messages generated on one tick: `count` of them, all made at `at`.
 struct Tick {
-    first: u64,
+    count: u64,
     at: Instant,
     wall_ms: u64,
 }
 
 /// One simulated agent. A ticker generates messages on schedule into the
-/// agent's journal (a counter: a message is rebuilt from its seq when sent)
-/// and the sender streams them as fast as the controller takes them, so the
-/// latency of a message counts any time it waited in the journal.
+/// agent's journal (a queue of ticks: a message is rebuilt from its seq when
+/// sent) and the sender streams them as fast as the controller takes them,
+/// so the latency of a message counts any time it waited in the journal.
 async fn agent(
     node: usize,
     ch: Channel,
@@ -207,63 +207,40 @@ async fn agent(
         })
     };
 
-    let journal: Arc<std::sync::Mutex<std::collections::VecDeque<Tick>>> = Default::default();
-    let generated = Arc::new(AtomicU64::new(0));
-    let more = Arc::new(tokio::sync::Notify::new());
-    let done_generating = Arc::new(AtomicBool::new(false));
+    // Unbounded: a tick is a few bytes, and what the controller has not taken
+    // must wait here. Closed when generation stops.
+    let (journal, mut pending) = mpsc::unbounded_channel::<Tick>();
     let ticker = {
-        let (journal, generated, more, done) = (
-            journal.clone(),
-            generated.clone(),
-            more.clone(),
-            done_generating.clone(),
-        );
         let (args, shared) = (args.clone(), shared.clone());
         tokio::spawn(async move {
             // Ticks of 100 ms, spread over the agents so they do not all fire at once.
-            let per_tick = (args.rate * args.burst.max(1) / 10).max(1);
+            let count = (args.rate * args.burst.max(1) / 10).max(1);
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             tokio::time::sleep(Duration::from_millis((node as u64 * 7) % 100)).await;
             while !shared.stop.load(Ordering::Relaxed) {
                 tick.tick().await;
-                let first = generated.load(Ordering::Relaxed) + 1;
-                journal.lock().expect("journal lock").push_back(Tick {
-                    first,
+                let made = Tick {
+                    count,
                     at: Instant::now(),
                     wall_ms: exfilguard_controller::time::now_ms(),
-                });
-                generated.fetch_add(per_tick, Ordering::Relaxed);
-                shared.generated.fetch_add(per_tick, Ordering::Relaxed);
-                more.notify_one();
+                };
+                if journal.send(made).is_err() {
+                    break;
+                }
+                shared.generated.fetch_add(count, Ordering::Relaxed);
             }
-            done.store(true, Ordering::Relaxed);
-            more.notify_one();
         })
     };
 
     let mut seq = 0;
-    let mut current: Option<Tick> = None;
-    loop {
-        if seq >= generated.load(Ordering::Relaxed) {
-            if done_generating.load(Ordering::Relaxed) && seq >= generated.load(Ordering::Relaxed) {
-                break;
-            }
-            more.notified().await;
-            continue;
+    while let Some(tick) = pending.recv().await {
+        for _ in 0..tick.count {
+            seq += 1;
+            sent_at.lock().await.push_back((seq, tick.at));
+            tx.send(message(node, seq, args.detection_every, tick.wall_ms))
+                .await?;
+            shared.sent.fetch_add(1, Ordering::Relaxed);
         }
-        seq += 1;
-        // The tick that made this seq: the newest one starting at or before it.
-        {
-            let mut ticks = journal.lock().expect("journal lock");
-            while ticks.front().is_some_and(|t| t.first <= seq) {
-                current = ticks.pop_front();
-            }
-        }
-        let tick = current.as_ref().context("a message without its tick")?;
-        sent_at.lock().await.push_back((seq, tick.at));
-        tx.send(message(node, seq, args.detection_every, tick.wall_ms))
-            .await?;
-        shared.sent.fetch_add(1, Ordering::Relaxed);
     }
     ticker.await?;
     // Let the last acks arrive, then close.

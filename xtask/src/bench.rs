@@ -42,7 +42,7 @@ const BENCHMARKS: &[Benchmark] = &[
     Benchmark {
         name: "controller-burst",
         about: "the same 500 agents offering 10× (200,000 msg/s) for 60 s: what the controller \
-            cannot take waits in the agents' journals; all of it stored, nothing lost (~10 min)",
+            cannot take waits in the agents' journals; all of it stored, nothing lost (~8 min)",
         run: controller_burst,
     },
     Benchmark {

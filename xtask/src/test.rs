@@ -195,7 +195,6 @@ struct TestBinary {
     package_dir: PathBuf,
 }
 
-/// Builds the kernel tests without running them, and lists their executables.
 /// Builds the agent, controller and lab binaries the end-to-end kernel tests
 /// start as processes; returns the directory they are in.
 pub fn build_binaries(env: &BuildEnv) -> anyhow::Result<PathBuf> {
@@ -210,18 +209,7 @@ pub fn build_binaries(env: &BuildEnv) -> anyhow::Result<PathBuf> {
         "--bins",
         "--message-format=json-render-diagnostics",
     ]);
-    let stdout = process::stdout(&mut cmd)?;
-    for line in stdout.lines().filter(|line| line.starts_with('{')) {
-        let message: Value = serde_json::from_str(line)
-            .with_context(|| format!("cargo printed a line that is not JSON: {line}"))?;
-        if message["reason"] == "compiler-artifact"
-            && let Some(exe) = message["executable"].as_str()
-            && let Some(dir) = Path::new(exe).parent()
-        {
-            return Ok(dir.to_path_buf());
-        }
-    }
-    bail!("cargo built no binary for exfilguard-agent / exfilguard-controller / exfilguard-lab")
+    bin_dir(&artifacts(&process::stdout(&mut cmd)?)?)
 }
 
 /// Builds the kernel tests and the binaries they start, without running
@@ -240,51 +228,51 @@ fn build_kernel_tests(env: &BuildEnv) -> anyhow::Result<(PathBuf, Vec<TestBinary
         // Diagnostics rendered to stderr as usual; stdout is JSON only.
         "--message-format=json-render-diagnostics",
     ]);
-    let stdout = process::stdout(&mut cmd)?;
-    let bin_dir = bin_dir(&stdout)?;
+    let artifacts = artifacts(&process::stdout(&mut cmd)?)?;
+    let bin_dir = bin_dir(&artifacts)?;
     let kernel_dir = crate::workspace_root().join(KERNEL_TESTS_DIR);
     let kernel_dir = kernel_dir
         .canonicalize()
         .with_context(|| format!("resolving {}", kernel_dir.display()))?;
-    let binaries = test_binaries(&stdout)?
+    let binaries = test_binaries(&artifacts)?
         .into_iter()
         .filter(|b| b.package_dir == kernel_dir)
         .collect();
     Ok((bin_dir, binaries))
 }
 
-/// The directory of the (non-test) binaries in cargo's JSON output.
-fn bin_dir(cargo_json: &str) -> anyhow::Result<PathBuf> {
+/// The `compiler-artifact` messages in cargo's `--message-format=json` output.
+fn artifacts(cargo_json: &str) -> anyhow::Result<Vec<Value>> {
+    let mut artifacts = Vec::new();
     for line in cargo_json.lines().filter(|line| line.starts_with('{')) {
         let message: Value = serde_json::from_str(line)
             .with_context(|| format!("cargo printed a line that is not JSON: {line}"))?;
-        if message["reason"] == "compiler-artifact"
-            && message["profile"]["test"] == false
-            && message["target"]["kind"][0] == "bin"
-            && let Some(exe) = message["executable"].as_str()
-            && let Some(dir) = Path::new(exe).parent()
-        {
-            return Ok(dir.to_path_buf());
+        if message["reason"] == "compiler-artifact" {
+            artifacts.push(message);
         }
     }
-    bail!("cargo built no binary")
+    Ok(artifacts)
 }
 
-/// The test executables in cargo's `--message-format=json` output.
-fn test_binaries(cargo_json: &str) -> anyhow::Result<Vec<TestBinary>> {
+/// The directory of the (non-test) binaries among cargo's artifacts.
+fn bin_dir(artifacts: &[Value]) -> anyhow::Result<PathBuf> {
+    artifacts
+        .iter()
+        .filter(|a| a["profile"]["test"] == false && a["target"]["kind"][0] == "bin")
+        .find_map(|a| Some(Path::new(a["executable"].as_str()?).parent()?.to_path_buf()))
+        .context("cargo built no binary")
+}
+
+/// The test executables among cargo's artifacts.
+fn test_binaries(artifacts: &[Value]) -> anyhow::Result<Vec<TestBinary>> {
     let mut binaries = Vec::new();
-    for line in cargo_json.lines().filter(|line| line.starts_with('{')) {
-        let message: Value = serde_json::from_str(line)
-            .with_context(|| format!("cargo printed a line that is not JSON: {line}"))?;
-        if message["reason"] != "compiler-artifact" || message["profile"]["test"] != true {
-            continue;
-        }
-        let Some(executable) = message["executable"].as_str() else {
+    for artifact in artifacts.iter().filter(|a| a["profile"]["test"] == true) {
+        let Some(executable) = artifact["executable"].as_str() else {
             continue;
         };
-        let manifest = message["manifest_path"]
+        let manifest = artifact["manifest_path"]
             .as_str()
-            .with_context(|| format!("artifact without manifest_path: {line}"))?;
+            .with_context(|| format!("artifact without manifest_path: {artifact}"))?;
         let package_dir = Path::new(manifest)
             .parent()
             .with_context(|| format!("manifest_path without a parent: {manifest}"))?;
@@ -306,7 +294,7 @@ fn is_root() -> bool {
 mod tests {
     use std::path::PathBuf;
 
-    use super::{TestBinary, bin_dir, test_binaries};
+    use super::{TestBinary, artifacts, bin_dir, test_binaries};
 
     #[test]
     fn only_test_artifacts_with_executables_are_listed() {
@@ -317,7 +305,7 @@ mod tests {
 {"reason":"build-finished","success":true}
 "#;
         assert_eq!(
-            test_binaries(json).unwrap(),
+            test_binaries(&artifacts(json).unwrap()).unwrap(),
             [
                 TestBinary {
                     executable: PathBuf::from("/w/target/debug/deps/exfilguard_tests-0123"),
@@ -337,12 +325,15 @@ mod tests {
 {"reason":"compiler-artifact","manifest_path":"/w/agent/Cargo.toml","target":{"kind":["lib"],"name":"exfilguard_agent"},"profile":{"test":false},"executable":null,"fresh":true}
 {"reason":"compiler-artifact","manifest_path":"/w/agent/Cargo.toml","target":{"kind":["bin"],"name":"exfilguard-agent"},"profile":{"test":false},"executable":"/w/target/debug/exfilguard-agent","fresh":true}
 "#;
-        assert_eq!(bin_dir(json).unwrap(), PathBuf::from("/w/target/debug"));
-        assert!(bin_dir("").is_err());
+        assert_eq!(
+            bin_dir(&artifacts(json).unwrap()).unwrap(),
+            PathBuf::from("/w/target/debug")
+        );
+        assert!(bin_dir(&[]).is_err());
     }
 
     #[test]
     fn broken_json_is_an_error() {
-        assert!(test_binaries("{\"reason\":").is_err());
+        assert!(artifacts("{\"reason\":").is_err());
     }
 }

@@ -864,15 +864,18 @@ mod tests {
         assert!(!status.evidence[0].omitted);
     }
 
-    #[test]
-    fn evidence_past_the_budget_is_left_out_largest_first_and_listed() {
-        // Three items of 300 KiB that do not compress: only two fit.
-        let r = record(vec![
+    /// Three items of ~300 KiB that do not compress: only one fits the budget.
+    fn oversized() -> IncidentRecord {
+        record(vec![
             item("pod", 300 * 1024, 1),
             item("events", 310 * 1024, 2),
             item("flows", 290 * 1024, 3),
-        ]);
-        let obj = to_object(r).unwrap();
+        ])
+    }
+
+    #[test]
+    fn evidence_past_the_budget_is_left_out_largest_first_and_listed() {
+        let obj = to_object(oversized()).unwrap();
         let status = obj.status.unwrap();
         assert!(
             status.record.len() <= RECORD_BUDGET,
@@ -943,11 +946,7 @@ mod tests {
 
     #[test]
     fn evidence_left_out_for_size_counts_as_held() {
-        let ours = record(vec![
-            item("pod", 300 * 1024, 1),
-            item("events", 310 * 1024, 2),
-            item("flows", 290 * 1024, 3),
-        ]);
+        let ours = oversized();
         let status = to_object(ours.clone()).unwrap().status.unwrap();
         let theirs = decode_record(&status.record).unwrap();
         assert!(theirs.evidence.len() < ours.evidence.len());

@@ -125,10 +125,17 @@ pub struct SqliteStore {
 
 /// A node's place in one ingest batch.
 struct NodeProgress<'a> {
-    /// Highest sequence number stored, counting this batch so far.
-    last_seq: u64,
+    /// Highest sequence number stored before this batch.
+    before: u64,
     /// The newest message of this batch stored for the node.
     stored: Option<&'a Ingest>,
+}
+
+impl NodeProgress<'_> {
+    /// Highest sequence number stored, counting this batch so far.
+    fn last_seq(&self) -> u64 {
+        self.stored.map_or(self.before, |m| m.seq)
+    }
 }
 
 fn open(path: &Path) -> Result<Connection> {
@@ -692,14 +699,14 @@ impl Store for SqliteStore {
                         )));
                     };
                     e.insert(NodeProgress {
-                        last_seq,
+                        before: last_seq,
                         stored: None,
                     })
                 }
             };
             // Sequence numbers only grow per agent, so anything at or below the
             // highest stored one is a resend of something already stored.
-            if msg.seq <= progress.last_seq {
+            if msg.seq <= progress.last_seq() {
                 outcomes.push(IngestOutcome::Duplicate);
                 continue;
             }
@@ -710,7 +717,6 @@ impl Store for SqliteStore {
                 }
                 Payload::Detection(d) => Self::store_detection(&tx, msg, d, policy)?,
             };
-            progress.last_seq = msg.seq;
             progress.stored = Some(msg);
             outcomes.push(IngestOutcome::Stored(effects));
         }

@@ -10,7 +10,7 @@
 //! replicas that merge each other's records end up with the same rows, in
 //! whatever order they merged, and merging a record twice changes nothing.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use exfilguard_proto::v1::{
     Block, Incident, IncidentEventKind, IncidentState, PolicyAction, SetCap, Unblock,
@@ -473,13 +473,21 @@ pub fn merge(tx: &Transaction<'_>, record: &IncidentRecord) -> Result<MergeOutco
         .filter_map(|e| Some((e.at_ms, throttle_of(&e.cause)?)))
         .max_by_key(|(at, _)| *at)
         .map(|(_, cap)| cap);
+    // Each node's highest stored number moves past its merged detections,
+    // so the agent's resend of one here (it moved before the other
+    // replica's Ack reached it) is a duplicate, as on the replica that
+    // stored it. One update per node, not per detection.
+    let mut highest: HashMap<&str, u64> = HashMap::new();
     for d in &record.detections {
-        // The node's highest stored number moves past it, so the agent's
-        // resend of it here (it moved before the other replica's Ack
-        // reached it) is a duplicate, as on the replica that stored it.
+        let seq = highest.entry(&d.node).or_default();
+        *seq = (*seq).max(d.seq);
+    }
+    for (node, seq) in highest {
         tx.prepare_cached("UPDATE agents SET last_seq = MAX(last_seq, ?2) WHERE node = ?1")
-            .and_then(|mut s| s.execute(params![d.node, d.seq]))
+            .and_then(|mut s| s.execute(params![node, seq]))
             .map_err(Error::store("merge detections"))?;
+    }
+    for d in &record.detections {
         any |= changed(
             tx.prepare_cached(
                 "INSERT OR IGNORE INTO detections (node, seq, incident_id, detection_id, json, sha256, stored_ms)
