@@ -2,8 +2,10 @@
 //! mutual-TLS connection with its own certificate, stream FlowReports and
 //! Detections at a fixed rate; measures durably stored messages per second
 //! (acks only come after the commit), the ack latency (ingest → stored, plus
-//! loopback), and the controller's peak RSS. Then checks that the store
-//! holds exactly what was acknowledged.
+//! loopback; also per 10 s of the run, and from the moment a message was
+//! handed to the stream), the controller's peak RSS and the CPU seconds the
+//! controller and the generator used. Then checks that the store holds
+//! exactly what was acknowledged.
 //!
 //! `cargo run --release -p exfilguard-controller --example loadgen -- --agents 500 --rate 40 --seconds 60`
 //! (build the controller binary first: `cargo build --release -p exfilguard-controller`).
@@ -67,11 +69,24 @@ struct Args {
     json: Option<PathBuf>,
 }
 
+/// One acknowledged message's latency.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Latency {
+    /// Second of the run the message was generated in.
+    second: u32,
+    /// Generation → ack (µs): includes waiting in the agent's journal.
+    from_generation_us: u32,
+    /// Handed to the gRPC stream → ack (µs): the controller's part, plus loopback.
+    from_send_us: u32,
+}
+
 struct Shared {
     acked: AtomicU64,
     sent: AtomicU64,
     generated: AtomicU64,
-    latencies_us: Mutex<Vec<u32>>,
+    latencies_us: Mutex<Vec<Latency>>,
+    /// When the measured run started.
+    start: Instant,
     stop: AtomicBool,
 }
 
@@ -84,6 +99,20 @@ fn rss_kb(pid: u32) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         })
         .unwrap_or(0)
+}
+
+/// CPU time (user + system) a process has used so far, in seconds.
+fn cpu_seconds(pid: &str) -> f64 {
+    // Fields 14 and 15 of /proc/PID/stat, after the parenthesised command name.
+    let ticks: u64 = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1.split_whitespace().collect::<Vec<_>>();
+            Some(rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    // Clock ticks; USER_HZ is 100 on every Linux build we run on.
+    ticks as f64 / 100.0
 }
 
 fn tls(ca: &str, cert: &str, key: &str) -> ClientTlsConfig {
@@ -179,7 +208,9 @@ async fn agent(
         .await?
         .into_inner();
     inbound.message().await?.context("no Welcome")?;
-    let sent_at: Arc<Mutex<std::collections::VecDeque<(u64, Instant)>>> = Default::default();
+    // (seq, generated at, handed to the stream at) of every unacknowledged message.
+    let sent_at: Arc<Mutex<std::collections::VecDeque<(u64, Instant, Instant)>>> =
+        Default::default();
     let reader = {
         let sent_at = sent_at.clone();
         let shared = shared.clone();
@@ -189,13 +220,19 @@ async fn agent(
             while let Ok(Some(msg)) = inbound.message().await {
                 if let Some(controller_message::Payload::Ack(a)) = msg.payload {
                     let mut q = sent_at.lock().await;
-                    while let Some(&(seq, at)) = q.front() {
+                    while let Some(&(seq, at, sent)) = q.front() {
                         if seq > a.seq {
                             break;
                         }
                         q.pop_front();
                         if seq == a.seq {
-                            lat.push(at.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                            let second = at.saturating_duration_since(shared.start).as_secs();
+                            let us = |t: Instant| t.elapsed().as_micros().min(u32::MAX as u128);
+                            lat.push(Latency {
+                                second: second as u32,
+                                from_generation_us: us(at) as u32,
+                                from_send_us: us(sent) as u32,
+                            });
                         }
                     }
                     last_acked = a.seq;
@@ -236,7 +273,10 @@ async fn agent(
     while let Some(tick) = pending.recv().await {
         for _ in 0..tick.count {
             seq += 1;
-            sent_at.lock().await.push_back((seq, tick.at));
+            sent_at
+                .lock()
+                .await
+                .push_back((seq, tick.at, Instant::now()));
             tx.send(message(node, seq, args.detection_every, tick.wall_ms))
                 .await?;
             shared.sent.fetch_add(1, Ordering::Relaxed);
@@ -251,6 +291,12 @@ async fn agent(
     drop(tx);
     let last_acked = reader.await?;
     Ok((last_acked.min(seq), seq))
+}
+
+/// The `p` quantile of sorted latencies (µs), in ms.
+fn percentile(sorted_us: &[u32], p: f64) -> f64 {
+    let i = ((sorted_us.len() as f64 * p) as usize).min(sorted_us.len().saturating_sub(1));
+    sorted_us.get(i).copied().unwrap_or(0) as f64 / 1000.0
 }
 
 struct Guard(Child);
@@ -332,6 +378,7 @@ async fn main() -> anyhow::Result<()> {
         generated: 0.into(),
         latencies_us: Mutex::new(Vec::new()),
         stop: false.into(),
+        start: Instant::now(),
     });
     let baseline_rss = rss_kb(pid);
     let mut tasks: Vec<_> = channels
@@ -339,7 +386,8 @@ async fn main() -> anyhow::Result<()> {
         .enumerate()
         .map(|(node, ch)| tokio::spawn(agent(node, ch, args.clone(), shared.clone())))
         .collect();
-    let start = Instant::now();
+    let start = shared.start;
+    let cpu_at_start = (cpu_seconds(&pid.to_string()), cpu_seconds("self"));
     let mut peak_rss = baseline_rss;
     let mut last = (0, start);
     let progress = |peak_rss: &mut u64, last: &mut (u64, Instant)| {
@@ -362,6 +410,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let measured = start.elapsed();
     let acked_in_window = shared.acked.load(Ordering::Relaxed);
+    let cpu = (
+        cpu_seconds(&pid.to_string()) - cpu_at_start.0,
+        cpu_seconds("self") - cpu_at_start.1,
+    );
     shared.stop.store(true, Ordering::Relaxed);
     // What waited in the journals drains now (a burst leaves a backlog).
     while !tasks.iter().all(|t| t.is_finished()) {
@@ -388,14 +440,23 @@ async fn main() -> anyhow::Result<()> {
         .into_inner()
         .nodes;
     let stored: u64 = nodes.iter().map(|n| n.last_seq).sum();
-    let mut lat = std::mem::take(&mut *shared.latencies_us.lock().await);
+    let mut timed = std::mem::take(&mut *shared.latencies_us.lock().await);
+    // Where in the run the tail sits: p99 of the messages generated in each 10 s.
+    timed.sort_unstable();
+    let by_10s: Vec<f64> = timed
+        .chunk_by(|a, b| a.second / 10 == b.second / 10)
+        .map(|w| {
+            let mut l: Vec<u32> = w.iter().map(|t| t.from_generation_us).collect();
+            l.sort_unstable();
+            percentile(&l, 0.99)
+        })
+        .collect();
+    eprintln!("p99 (ms) of the messages generated in each 10 s: {by_10s:?}");
+    let mut from_send: Vec<u32> = timed.iter().map(|t| t.from_send_us).collect();
+    from_send.sort_unstable();
+    let mut lat: Vec<u32> = timed.into_iter().map(|t| t.from_generation_us).collect();
     lat.sort_unstable();
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0) as f64
-            / 1000.0
-    };
+    let pct = |p: f64| percentile(&lat, p);
     let offered = args.agents as u64 * args.rate * args.burst.max(1);
     let stored_per_s = acked_in_window as f64 / measured.as_secs_f64();
     // Lost: generated but not in the store; or stored but never acknowledged.
@@ -407,7 +468,9 @@ async fn main() -> anyhow::Result<()> {
         "seconds": measured.as_secs_f64(),
         "seconds_until_all_stored": until_stored.as_secs_f64(),
         "stored_msgs_per_s": stored_per_s,
-        "ack_latency_ms": { "p50": pct(0.50), "p99": pct(0.99), "max": pct(1.0) },
+        "ack_latency_ms": { "p50": pct(0.50), "p99": pct(0.99), "max": pct(1.0), "p99_by_10s": by_10s },
+        "ack_latency_from_send_ms": { "p50": percentile(&from_send, 0.5), "p99": percentile(&from_send, 0.99), "max": percentile(&from_send, 1.0) },
+        "cpu_seconds_in_run": { "controller": cpu.0, "loadgen": cpu.1 },
         "controller_rss_mb": { "idle": baseline_rss / 1024, "peak": peak_rss / 1024 },
         "generated_total": generated_total,
         "acked_total": acked_total,
