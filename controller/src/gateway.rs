@@ -451,14 +451,13 @@ impl AgentGateway for Gateway {
             dropped_flow_reports: hello.dropped_flow_reports,
             dropped_detections: hello.dropped_detections,
         };
-        let store = self.store.clone();
         let node = info.node.clone();
-        let (last_stored, blocks) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let last = store.hello(&info, now_ms())?;
-            Ok((last, store.blocks_for(&info.node)?))
-        })
-        .await
-        .map_err(|e| Status::internal(format!("store task: {e}")))??;
+        let last_stored = self.ingestor.hello(info).await?;
+        let store = self.store.clone();
+        let blocks_node = node.clone();
+        let blocks = tokio::task::spawn_blocking(move || store.blocks_for(&blocks_node))
+            .await
+            .map_err(|e| Status::internal(format!("store task: {e}")))??;
         tracing::info!(%node, version = %hello.agent_version, last_stored, "agent connected");
 
         let (out, out_rx) = mpsc::channel(1024);

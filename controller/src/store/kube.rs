@@ -691,8 +691,8 @@ impl Outbox for KubeStore {
 }
 
 impl Store for KubeStore {
-    fn hello(&self, info: &AgentInfo, now_ms: u64) -> Result<u64> {
-        self.local.hello(info, now_ms)
+    fn hellos(&self, agents: &[AgentInfo], now_ms: u64) -> Result<Vec<u64>> {
+        self.local.hellos(agents, now_ms)
     }
 
     fn ingest(&self, batch: &[Ingest], policy: &ResponsePolicy) -> Result<Vec<IngestOutcome>> {

@@ -13,7 +13,7 @@ use exfilguard_proto::v1::{
     SetCap, Talker, Unblock, Workload,
 };
 
-use crate::{Result, alerts::Alert, correlate::ResponsePolicy, evidence::NewEvidence};
+use crate::{Error, Result, alerts::Alert, correlate::ResponsePolicy, evidence::NewEvidence};
 
 /// What an agent said about itself in Hello.
 #[derive(Debug, Clone, Default)]
@@ -268,8 +268,16 @@ pub trait Outbox: Send + Sync {
 
 /// Everything the controller persists.
 pub trait Store: Outbox + Send + Sync {
-    /// Records a Hello; returns the highest sequence number stored for the node.
-    fn hello(&self, info: &AgentInfo, now_ms: u64) -> Result<u64>;
+    /// Records the Hellos of several agents in one transaction (a fleet
+    /// reconnecting after a controller restart costs one commit, not one per
+    /// node); returns each node's highest stored sequence number, in order.
+    fn hellos(&self, agents: &[AgentInfo], now_ms: u64) -> Result<Vec<u64>>;
+    /// Records one Hello; returns the highest sequence number stored for the node.
+    fn hello(&self, info: &AgentInfo, now_ms: u64) -> Result<u64> {
+        self.hellos(std::slice::from_ref(info), now_ms)?
+            .pop()
+            .ok_or_else(|| Error::Unavailable("the store answered no Hello".into()))
+    }
     /// Stores a batch of agent messages in one transaction, de-duplicating by
     /// (node, seq) and correlating detections into incidents.
     fn ingest(&self, batch: &[Ingest], policy: &ResponsePolicy) -> Result<Vec<IngestOutcome>>;

@@ -158,11 +158,9 @@ impl Outbox for SqliteStore {
                 .and_then(|mut s| s.execute(params![event_id, incident, sink, now_ms]))
                 .map_err(Error::store("route alert"))?;
             }
-            tx.execute(
-                "UPDATE alert_events SET routed = 1 WHERE id = ?1",
-                [event_id],
-            )
-            .map_err(Error::store("route alert"))?;
+            tx.prepare_cached("UPDATE alert_events SET routed = 1 WHERE id = ?1")
+                .and_then(|mut s| s.execute([event_id]))
+                .map_err(Error::store("route alert"))?;
         }
         tx.commit().map_err(Error::store("commit"))
     }
