@@ -102,27 +102,32 @@ impl Ingestor {
 
 /// Commits waiting Hellos together; if that fails, one by one, so only a
 /// failing one gets the error.
-fn say_hellos(store: &dyn Store, hellos: &mut Vec<(AgentInfo, oneshot::Sender<Result<u64>>)>) {
-    let infos: Vec<AgentInfo> = hellos.iter().map(|(info, _)| info.clone()).collect();
-    match store.hellos(&infos, now_ms()) {
+fn say_hellos(
+    store: &dyn Store,
+    infos: &mut Vec<AgentInfo>,
+    replies: &mut Vec<oneshot::Sender<Result<u64>>>,
+) {
+    match store.hellos(infos, now_ms()) {
         Ok(last) => {
-            for ((_, reply), seq) in hellos.drain(..).zip(last) {
+            for (reply, seq) in replies.drain(..).zip(last) {
                 let _ = reply.send(Ok(seq));
             }
         }
         Err(e) => {
-            tracing::warn!(error = %e, size = hellos.len(), "Hello batch failed; retrying one by one");
-            for (info, reply) in hellos.drain(..) {
-                let _ = reply.send(store.hello(&info, now_ms()));
+            tracing::warn!(error = %e, size = infos.len(), "Hello batch failed; retrying one by one");
+            for (info, reply) in infos.iter().zip(replies.drain(..)) {
+                let _ = reply.send(store.hello(info, now_ms()));
             }
         }
     }
+    infos.clear();
 }
 
 fn run(store: Arc<dyn Store>, hub: Arc<Hub>, policy: ResponsePolicy, mut rx: mpsc::Receiver<Job>) {
     let mut msgs: Vec<Ingest> = Vec::with_capacity(MAX_BATCH);
     let mut replies: Vec<oneshot::Sender<Result<Stored>>> = Vec::with_capacity(MAX_BATCH);
-    let mut hellos = Vec::new();
+    let mut hellos: Vec<AgentInfo> = Vec::new();
+    let mut hello_replies = Vec::new();
     let mut last_commit = Instant::now();
     while let Some(first) = rx.blocking_recv() {
         // Group commit: wait out the commit interval so the batch gathers
@@ -140,7 +145,10 @@ fn run(store: Arc<dyn Store>, hub: Arc<Hub>, policy: ResponsePolicy, mut rx: mps
                     msgs.push(msg);
                     replies.push(reply);
                 }
-                Job::Hello { info, reply } => hellos.push((info, reply)),
+                Job::Hello { info, reply } => {
+                    hellos.push(info);
+                    hello_replies.push(reply);
+                }
             }
             next = if msgs.len() + hellos.len() < MAX_BATCH {
                 rx.try_recv().ok()
@@ -151,7 +159,7 @@ fn run(store: Arc<dyn Store>, hub: Arc<Hub>, policy: ResponsePolicy, mut rx: mps
         // A node's messages only come after its Hello was answered, so the
         // Hellos of this batch go first.
         if !hellos.is_empty() {
-            say_hellos(store.as_ref(), &mut hellos);
+            say_hellos(store.as_ref(), &mut hellos, &mut hello_replies);
         }
         if msgs.is_empty() {
             continue;

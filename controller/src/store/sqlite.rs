@@ -14,7 +14,7 @@ pub mod replica;
 use std::{
     collections::{HashMap, hash_map::Entry},
     path::Path,
-    sync::Mutex,
+    sync::{LazyLock, Mutex},
 };
 
 use exfilguard_proto::v1::{
@@ -228,12 +228,14 @@ fn incident_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Incident> {
     })
 }
 
+/// One incident by id; built once, as it runs several times per detection.
+static LOAD_INCIDENT: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {INCIDENT_COLUMNS} FROM incidents WHERE id = ?1"));
+
 fn load_incident(conn: &Connection, id: &str) -> Result<Option<Incident>> {
-    conn.prepare_cached(&format!(
-        "SELECT {INCIDENT_COLUMNS} FROM incidents WHERE id = ?1"
-    ))
-    .and_then(|mut s| s.query_row([id], incident_from_row).optional())
-    .map_err(Error::store("load incident"))
+    conn.prepare_cached(&LOAD_INCIDENT)
+        .and_then(|mut s| s.query_row([id], incident_from_row).optional())
+        .map_err(Error::store("load incident"))
 }
 
 fn load_timeline(conn: &Connection, id: &str) -> Result<Vec<TimelineEntry>> {
@@ -678,23 +680,20 @@ impl Store for SqliteStore {
         let tx = conn.transaction().map_err(Error::store("begin"))?;
         let mut last = Vec::with_capacity(agents.len());
         for info in agents {
-            tx.prepare_cached(
+            let seq = tx.prepare_cached(
                 // The highest stored number counts detections another replica
                 // stored too (merged in, see replica::merge), so their resends
                 // are recognised like any other.
                 "INSERT INTO agents (node, agent_version, kernel_release, first_seen_ms, last_seen_ms, dropped_flow_reports, dropped_detections, last_seq)
                  VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6, COALESCE((SELECT MAX(seq) FROM detections WHERE node = ?1), 0))
                  ON CONFLICT(node) DO UPDATE SET agent_version = ?2, kernel_release = ?3, last_seen_ms = ?4,
-                    dropped_flow_reports = ?5, dropped_detections = ?6, last_seq = MAX(last_seq, excluded.last_seq)",
+                    dropped_flow_reports = ?5, dropped_detections = ?6, last_seq = MAX(last_seq, excluded.last_seq)
+                 RETURNING last_seq",
             )
             .and_then(|mut s| {
-                s.execute(params![info.node, info.agent_version, info.kernel_release, now_ms, info.dropped_flow_reports, info.dropped_detections])
+                s.query_row(params![info.node, info.agent_version, info.kernel_release, now_ms, info.dropped_flow_reports, info.dropped_detections], |r| r.get(0))
             })
             .map_err(Error::store("hello"))?;
-            let seq = tx
-                .prepare_cached("SELECT last_seq FROM agents WHERE node = ?1")
-                .and_then(|mut s| s.query_row([&info.node], |r| r.get(0)))
-                .map_err(Error::store("hello"))?;
             last.push(seq);
         }
         tx.commit().map_err(Error::store("commit"))?;
