@@ -17,11 +17,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use exfilguard_controller::{
-    correlate::ResponsePolicy,
-    gateway::GatewayLimits,
-    server::{self, KubeDuties, ServerConfig},
-};
+use exfilguard_controller::server::{self, KubeDuties, ServerConfig};
 use exfilguard_proto::v1::{
     AgentMessage, Detection, DetectionKind, Evidence, Hello, Severity, Workload,
     agent_gateway_client::AgentGatewayClient, agent_message, controller_message,
@@ -124,22 +120,13 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let config = ServerConfig {
-        tls: None,
-        db: dir.path().join("controller.db"),
-        limits: GatewayLimits::default(),
-        max_streams_per_connection: 64,
-        policy: ResponsePolicy::default(),
-        agent_policy: None,
-        file: Default::default(),
         kube: Some(Client::new(svc, "default")),
-        lockdown: Default::default(),
         duties: KubeDuties {
             exfilpolicies: false,
             incidents: false,
             ..Default::default()
         },
-        namespace: "exfilguard-system".into(),
-        leader_election: None,
+        ..ServerConfig::new(dir.path().join("controller.db"), None)
     };
     tokio::spawn(server::serve(config, listener, std::future::pending()));
 

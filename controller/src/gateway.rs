@@ -21,6 +21,7 @@ use crate::{
     correlate::{validate_destination, validate_detection, validate_workload},
     hub::{CommandReceiver, Hub},
     ingest::{Ingestor, Stored},
+    metrics::StreamGuard,
     store::{AgentInfo, Ingest, Payload, Store},
     time::now_ms,
 };
@@ -364,7 +365,7 @@ async fn run_session(
     mut inbound: Streaming<AgentMessage>,
     mut commands: CommandReceiver,
     registration: crate::hub::Registration,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: (tokio::sync::OwnedSemaphorePermit, StreamGuard),
 ) {
     let ending = loop {
         tokio::select! {
@@ -443,6 +444,7 @@ impl AgentGateway for Gateway {
         let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
             Error::ResourceExhausted(format!("at most {} agent streams", self.limits.max_streams))
         })?;
+        let permit = (permit, self.ingestor.metrics().agent_stream());
         let (registration, commands) = self.hub.register(&hello.node_name)?;
         let info = AgentInfo {
             node: hello.node_name.clone(),

@@ -15,6 +15,7 @@ use crate::{
     Error, Result,
     correlate::ResponsePolicy,
     hub::Hub,
+    metrics::{Metrics, OutcomeLabel},
     store::{AgentInfo, Ingest, IngestOutcome, Store},
     time::now_ms,
 };
@@ -43,6 +44,8 @@ enum Job {
     /// An agent message to store.
     Message {
         msg: Ingest,
+        /// When the gateway handed it over: the start of ingest→stored.
+        received: Instant,
         reply: oneshot::Sender<Result<Stored>>,
     },
     /// An agent's Hello: committed with the other Hellos waiting, so a fleet
@@ -58,6 +61,7 @@ enum Job {
 #[derive(Clone)]
 pub struct Ingestor {
     jobs: mpsc::Sender<Job>,
+    metrics: Arc<Metrics>,
 }
 
 impl Ingestor {
@@ -68,19 +72,37 @@ impl Ingestor {
         hub: Arc<Hub>,
         policy: ResponsePolicy,
         queue: usize,
+        metrics: Arc<Metrics>,
     ) -> Result<Self> {
         let (tx, rx) = mpsc::channel(queue.max(1));
+        let writer = Writer {
+            store,
+            hub,
+            policy,
+            metrics: metrics.clone(),
+        };
         thread::Builder::new()
             .name("ingest".into())
-            .spawn(move || run(store, hub, policy, rx))
+            .spawn(move || writer.run(rx))
             .map_err(|e| Error::Unavailable(format!("cannot start the ingest thread: {e}")))?;
-        Ok(Self { jobs: tx })
+        Ok(Self { jobs: tx, metrics })
+    }
+
+    /// The metrics the writer records into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Queues `msg`; the receiver resolves after its batch committed.
     pub async fn submit(&self, msg: Ingest) -> Result<oneshot::Receiver<Result<Stored>>> {
         let (reply, rx) = oneshot::channel();
-        self.send(Job::Message { msg, reply }).await?;
+        let received = Instant::now();
+        self.send(Job::Message {
+            msg,
+            received,
+            reply,
+        })
+        .await?;
         Ok(rx)
     }
 
@@ -123,93 +145,147 @@ fn say_hellos(
     infos.clear();
 }
 
-fn run(store: Arc<dyn Store>, hub: Arc<Hub>, policy: ResponsePolicy, mut rx: mpsc::Receiver<Job>) {
-    let mut msgs: Vec<Ingest> = Vec::with_capacity(MAX_BATCH);
-    let mut replies: Vec<oneshot::Sender<Result<Stored>>> = Vec::with_capacity(MAX_BATCH);
-    let mut hellos: Vec<AgentInfo> = Vec::new();
-    let mut hello_replies = Vec::new();
-    let mut last_commit = Instant::now();
-    while let Some(first) = rx.blocking_recv() {
-        // Group commit: wait out the commit interval so the batch gathers
-        // what arrives meanwhile (when the writer is busy, it has passed).
-        let due = last_commit + MIN_COMMIT_INTERVAL;
-        let now = Instant::now();
-        if now < due {
-            thread::sleep(due - now);
-        }
-        last_commit = Instant::now();
-        let mut next = Some(first);
-        while let Some(job) = next {
-            match job {
-                Job::Message { msg, reply } => {
-                    msgs.push(msg);
-                    replies.push(reply);
-                }
-                Job::Hello { info, reply } => {
-                    hellos.push(info);
-                    hello_replies.push(reply);
-                }
+/// The writer thread's state.
+struct Writer {
+    store: Arc<dyn Store>,
+    hub: Arc<Hub>,
+    policy: ResponsePolicy,
+    metrics: Arc<Metrics>,
+}
+
+impl Writer {
+    fn run(self, mut rx: mpsc::Receiver<Job>) {
+        let mut msgs: Vec<Ingest> = Vec::with_capacity(MAX_BATCH);
+        let mut received: Vec<Instant> = Vec::with_capacity(MAX_BATCH);
+        let mut replies: Vec<oneshot::Sender<Result<Stored>>> = Vec::with_capacity(MAX_BATCH);
+        let mut hellos: Vec<AgentInfo> = Vec::new();
+        let mut hello_replies = Vec::new();
+        let mut last_commit = Instant::now();
+        while let Some(first) = rx.blocking_recv() {
+            // Group commit: wait out the commit interval so the batch gathers
+            // what arrives meanwhile (when the writer is busy, it has passed).
+            let due = last_commit + MIN_COMMIT_INTERVAL;
+            let now = Instant::now();
+            if now < due {
+                thread::sleep(due - now);
             }
-            next = if msgs.len() + hellos.len() < MAX_BATCH {
-                rx.try_recv().ok()
-            } else {
-                None
-            };
-        }
-        // A node's messages only come after its Hello was answered, so the
-        // Hellos of this batch go first.
-        if !hellos.is_empty() {
-            say_hellos(store.as_ref(), &mut hellos, &mut hello_replies);
-        }
-        if msgs.is_empty() {
-            continue;
-        }
-        match store.ingest(&msgs, &policy) {
-            Ok(outcomes) => {
-                msgs.clear();
-                for (reply, outcome) in replies.drain(..).zip(outcomes) {
-                    let stored = match outcome {
-                        IngestOutcome::Stored(effects) => {
-                            hub.apply(store.as_ref(), effects);
-                            Stored::New
-                        }
-                        IngestOutcome::Duplicate => Stored::Duplicate,
-                    };
-                    // The stream may have gone; its agent resends.
-                    let _ = reply.send(Ok(stored));
-                }
-            }
-            Err(batch_err) => {
-                // One message must not fail the others: retry one by one so
-                // only the culprit gets the error. Once a node's message failed,
-                // its later ones in this batch fail too: storing them would
-                // raise the node's high-water mark past the failed one, which
-                // would then be taken for a duplicate when resent.
-                tracing::warn!(error = %batch_err, size = msgs.len(), "batch failed; retrying messages one by one");
-                let mut failed_nodes = std::collections::HashSet::new();
-                for (msg, reply) in msgs.drain(..).zip(replies.drain(..)) {
-                    if failed_nodes.contains(&msg.node) {
-                        let _ = reply.send(Err(Error::Unavailable(format!(
-                            "an earlier message of node {} failed to store; resend from there",
-                            msg.node
-                        ))));
-                        continue;
+            last_commit = Instant::now();
+            let mut next = Some(first);
+            while let Some(job) = next {
+                match job {
+                    Job::Message {
+                        msg,
+                        received: at,
+                        reply,
+                    } => {
+                        msgs.push(msg);
+                        received.push(at);
+                        replies.push(reply);
                     }
-                    let result = store
-                        .ingest(std::slice::from_ref(&msg), &policy)
-                        .map(|mut o| match o.pop() {
-                            Some(IngestOutcome::Stored(effects)) => {
-                                hub.apply(store.as_ref(), effects);
+                    Job::Hello { info, reply } => {
+                        hellos.push(info);
+                        hello_replies.push(reply);
+                    }
+                }
+                next = if msgs.len() + hellos.len() < MAX_BATCH {
+                    rx.try_recv().ok()
+                } else {
+                    None
+                };
+            }
+            // A node's messages only come after its Hello was answered, so the
+            // Hellos of this batch go first.
+            if !hellos.is_empty() {
+                say_hellos(self.store.as_ref(), &mut hellos, &mut hello_replies);
+            }
+            if msgs.is_empty() {
+                continue;
+            }
+            let started = Instant::now();
+            let outcomes = self.store.ingest(&msgs, &self.policy);
+            let committed = Instant::now();
+            match outcomes {
+                Ok(outcomes) => {
+                    self.metrics.batch(committed - started, msgs.len());
+                    msgs.clear();
+                    let (mut new, mut duplicate) = (0, 0);
+                    for ((reply, outcome), at) in replies.drain(..).zip(outcomes).zip(&received) {
+                        self.metrics
+                            .ingest_seconds
+                            .observe((committed - *at).as_secs_f64());
+                        let stored = match outcome {
+                            IngestOutcome::Stored(effects) => {
+                                new += 1;
+                                self.hub.apply(self.store.as_ref(), effects);
                                 Stored::New
                             }
-                            _ => Stored::Duplicate,
-                        });
-                    if result.is_err() {
-                        failed_nodes.insert(msg.node);
+                            IngestOutcome::Duplicate => {
+                                duplicate += 1;
+                                Stored::Duplicate
+                            }
+                        };
+                        // The stream may have gone; its agent resends.
+                        let _ = reply.send(Ok(stored));
                     }
-                    let _ = reply.send(result);
+                    self.count(OutcomeLabel::NEW, new);
+                    self.count(OutcomeLabel::DUPLICATE, duplicate);
                 }
+                Err(batch_err) => self.one_by_one(batch_err, &mut msgs, &mut replies),
             }
+            received.clear();
+        }
+    }
+
+    fn count(&self, outcome: OutcomeLabel, n: u64) {
+        if n > 0 {
+            self.metrics.messages.get_or_create(&outcome).inc_by(n);
+        }
+    }
+
+    /// One message must not fail the others: after a failed batch, retry one
+    /// by one so only the culprit gets the error. Once a node's message
+    /// failed, its later ones in this batch fail too: storing them would raise
+    /// the node's high-water mark past the failed one, which would then be
+    /// taken for a duplicate when resent.
+    fn one_by_one(
+        &self,
+        batch_err: Error,
+        msgs: &mut Vec<Ingest>,
+        replies: &mut Vec<oneshot::Sender<Result<Stored>>>,
+    ) {
+        tracing::warn!(error = %batch_err, size = msgs.len(), "batch failed; retrying messages one by one");
+        let mut failed_nodes = std::collections::HashSet::new();
+        for (msg, reply) in msgs.drain(..).zip(replies.drain(..)) {
+            if failed_nodes.contains(&msg.node) {
+                self.count(OutcomeLabel::FAILED, 1);
+                let _ = reply.send(Err(Error::Unavailable(format!(
+                    "an earlier message of node {} failed to store; resend from there",
+                    msg.node
+                ))));
+                continue;
+            }
+            let result = self
+                .store
+                .ingest(std::slice::from_ref(&msg), &self.policy)
+                .map(|mut o| match o.pop() {
+                    Some(IngestOutcome::Stored(effects)) => {
+                        self.hub.apply(self.store.as_ref(), effects);
+                        Stored::New
+                    }
+                    _ => Stored::Duplicate,
+                });
+            self.count(
+                match result {
+                    Ok(Stored::New) => OutcomeLabel::NEW,
+                    Ok(Stored::Duplicate) => OutcomeLabel::DUPLICATE,
+                    Err(_) => OutcomeLabel::FAILED,
+                },
+                1,
+            );
+            if result.is_err() {
+                failed_nodes.insert(msg.node);
+            }
+            let _ = reply.send(result);
         }
     }
 }
@@ -225,8 +301,14 @@ mod tests {
     async fn hellos_and_messages_share_the_writer() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("c.db")).unwrap());
-        let ingestor =
-            Ingestor::start(store.clone(), Hub::new(4), ResponsePolicy::default(), 64).unwrap();
+        let ingestor = Ingestor::start(
+            store.clone(),
+            Hub::new(4),
+            ResponsePolicy::default(),
+            64,
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
         // A fleet saying Hello at once, then each node's first message.
         let tasks: Vec<_> = (0..40)
             .map(|i| {

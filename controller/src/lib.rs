@@ -23,6 +23,7 @@ pub mod hub;
 pub mod ingest;
 pub mod json;
 pub mod k8s;
+pub mod metrics;
 pub mod node_policy;
 pub mod report;
 pub mod retry;

@@ -24,6 +24,7 @@ use crate::{
         lease::{self, Leader, LeaseConfig, LeaseGuard},
         respond::{self, Responder},
     },
+    metrics::Metrics,
     store::{Store, kube::KubeStore, sqlite::SqliteStore},
 };
 
@@ -78,6 +79,32 @@ pub struct ServerConfig {
     /// Leader election among replicas on this Lease (needs `kube`); `None`:
     /// this controller is always the leader (a single replica).
     pub leader_election: Option<LeaseConfig>,
+    /// Where the ingest path records its metrics (served on `/metrics` by
+    /// whoever holds the other handle).
+    pub metrics: Arc<Metrics>,
+}
+
+impl ServerConfig {
+    /// A standalone controller on `db` (mTLS with `tls`, plain text with
+    /// `None`): default limits and response policy, no agent policy file,
+    /// no alert sinks, no Kubernetes.
+    pub fn new(db: PathBuf, tls: Option<TlsFiles>) -> Self {
+        Self {
+            tls,
+            db,
+            limits: GatewayLimits::default(),
+            max_streams_per_connection: 64,
+            policy: ResponsePolicy::default(),
+            agent_policy: None,
+            file: FileConfig::default(),
+            kube: None,
+            lockdown: LockdownOptions::default(),
+            duties: KubeDuties::default(),
+            namespace: lease::DEFAULT_NAMESPACE.into(),
+            leader_election: None,
+            metrics: Arc::new(Metrics::new()),
+        }
+    }
 }
 
 /// The controller's Kubernetes duties, each on by default; switching one
@@ -323,7 +350,13 @@ pub async fn serve(
         .with_leader(leader.clone())
         .spawn(hub.subscribe());
     }
-    let ingestor = Ingestor::start(store.clone(), hub.clone(), policy, 16 * 1024)?;
+    let ingestor = Ingestor::start(
+        store.clone(),
+        hub.clone(),
+        policy,
+        16 * 1024,
+        config.metrics.clone(),
+    )?;
     // Picks up what a previous run left pending, then follows the hub.
     let dispatcher =
         Dispatcher::start_with_leader(store.clone(), &config.file.alerts, Some(&hub), leader)

@@ -38,6 +38,22 @@ fn pki(dir: &Path) -> DevPki {
     .unwrap_or_else(|e| panic!("write PKI in {}: {e}", dir.display()))
 }
 
+/// The contents of `path` once the controller has written it.
+fn read_when_written(path: &Path) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok(a) = std::fs::read_to_string(path) {
+            return a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "controller did not write {} in time",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A controller process; SIGKILLed on drop.
 struct Controller {
     child: Child,
@@ -66,18 +82,7 @@ impl Controller {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("start controller: {e}"));
-        let deadline = Instant::now() + WAIT;
-        let addr = loop {
-            if let Ok(a) = std::fs::read_to_string(&addr_file) {
-                break a;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "controller did not write {} in time",
-                addr_file.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let addr = read_when_written(&addr_file);
         Controller { child, addr }
     }
 
@@ -1125,4 +1130,98 @@ fn alerts_survive_kill_9_of_the_controller_and_reach_the_sink_once() {
         "{timeline}"
     );
     assert!(!timeline.contains("T0K3N"), "{timeline}");
+}
+
+/// The value of the sample named exactly `series` in an exposition.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Scrapes `/metrics` until `ready` holds for it (the controller counts a
+/// closed stream a moment after the client has gone); returns the text.
+async fn scrape_until(addr: &str, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        if ready(&text) || Instant::now() > deadline {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn metrics_count_stored_messages_their_latency_and_connected_agents() {
+    const SENT: u64 = 60;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let metrics_file = dir.path().join("metrics.addr");
+    let c = Controller::start(
+        &pki,
+        &dir.path().join("c.db"),
+        &[
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--metrics-addr-file",
+            metrics_file.to_str().unwrap(),
+        ],
+    );
+    let metrics = read_when_written(&metrics_file);
+    let rt = runtime();
+    let (c, pki) = (&c, &pki);
+    rt.block_on(async {
+        let acks = |n: u64| async move {
+            let (mut agent, _) = Agent::open(as_role(c, pki, "agent-node-a").await, "node-a")
+                .await
+                .unwrap();
+            for seq in 1..=n {
+                agent.send(flow(seq, "web", 1000 * seq)).await;
+            }
+            let mut statuses = Vec::new();
+            while (statuses.len() as u64) < n {
+                if let Some(controller_message::Payload::Ack(a)) =
+                    agent.next().await.unwrap().unwrap().payload
+                {
+                    statuses.push(a.status());
+                }
+            }
+            (agent, statuses)
+        };
+        let (agent, statuses) = acks(SENT).await;
+        assert!(statuses.iter().all(|s| *s == AckStatus::Ok));
+        let text = scrape_until(&metrics, |_| true).await;
+        let new = "exfilguard_controller_messages_total{outcome=\"new\"}";
+        assert_eq!(sample(&text, new), Some(SENT as f64), "{text}");
+        // Every acknowledged message was timed, and within the last bucket.
+        let count = "exfilguard_controller_ingest_seconds_count";
+        assert_eq!(sample(&text, count), Some(SENT as f64), "{text}");
+        let within = "exfilguard_controller_ingest_seconds_bucket{le=\"10.0\"}";
+        assert_eq!(sample(&text, within), Some(SENT as f64), "{text}");
+        assert!(sample(&text, "exfilguard_controller_ingest_seconds_sum").unwrap() > 0.0);
+        assert!(sample(&text, "exfilguard_controller_commit_seconds_count").unwrap() >= 1.0);
+        let streams = "exfilguard_controller_agent_streams";
+        assert_eq!(sample(&text, streams), Some(1.0), "{text}");
+
+        // The stream is counted until its session has ended (and the node
+        // may connect again).
+        drop(agent);
+        let text = scrape_until(&metrics, |t| sample(t, streams) == Some(0.0)).await;
+        assert_eq!(sample(&text, streams), Some(0.0), "{text}");
+
+        // The agent reconnects and resends the first ten: duplicates.
+        let (_agent, statuses) = acks(10).await;
+        assert!(statuses.iter().all(|s| *s == AckStatus::Duplicate));
+        let text = scrape_until(&metrics, |_| true).await;
+        let dup = "exfilguard_controller_messages_total{outcome=\"duplicate\"}";
+        assert_eq!(sample(&text, dup), Some(10.0), "{text}");
+        assert_eq!(sample(&text, new), Some(SENT as f64), "{text}");
+        assert_eq!(sample(&text, count), Some(SENT as f64 + 10.0), "{text}");
+        assert_eq!(sample(&text, streams), Some(1.0), "{text}");
+    });
 }

@@ -542,10 +542,7 @@ async fn real_cluster_captures_a_pod_and_notices_it_gone() {
 /// ingest path), then the capture's GET arrives and its outcome is exported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_captures_after_the_ack_and_never_delays_it() {
-    use exfilguard_controller::{
-        gateway::GatewayLimits,
-        server::{self, KubeDuties, ServerConfig},
-    };
+    use exfilguard_controller::server::{self, KubeDuties, ServerConfig};
     use exfilguard_proto::v1::{
         AgentMessage, ExportEvidenceRequest, Hello, agent_gateway_client::AgentGatewayClient,
         agent_message, controller_message, incidents_client::IncidentsClient,
@@ -557,22 +554,13 @@ async fn the_server_captures_after_the_ack_and_never_delays_it() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let config = ServerConfig {
-        tls: None,
-        db: dir.path().join("c.db"),
-        limits: GatewayLimits::default(),
-        max_streams_per_connection: 64,
-        policy: ResponsePolicy::default(),
-        agent_policy: None,
-        file: Default::default(),
         kube: Some(Client::new(svc, "default")),
-        lockdown: Default::default(),
         duties: KubeDuties {
             exfilpolicies: false,
             incidents: false,
             ..Default::default()
         },
-        namespace: "exfilguard-system".into(),
-        leader_election: None,
+        ..ServerConfig::new(dir.path().join("c.db"), None)
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(server::serve(config, listener, async {

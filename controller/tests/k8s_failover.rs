@@ -94,15 +94,10 @@ impl Replica {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let config = ServerConfig {
-            tls: None,
-            db: dir.path().join("c.db"),
-            limits: Default::default(),
-            max_streams_per_connection: 64,
             policy: ResponsePolicy {
                 critical: PolicyAction::Lockdown,
                 ..Default::default()
             },
-            agent_policy: None,
             file: FileConfig {
                 alerts: AlertsConfig {
                     retry: RetryConfig {
@@ -127,7 +122,6 @@ impl Replica {
                 ..Default::default()
             },
             kube: Some(Client::new(svc, "default")),
-            lockdown: Default::default(),
             duties: KubeDuties {
                 containment: false,
                 evidence: false,
@@ -143,6 +137,7 @@ impl Replica {
                 renew_every: Duration::from_millis(300),
                 retry_every: RETRY,
             }),
+            ..ServerConfig::new(dir.path().join("c.db"), None)
         };
         let served = tokio::spawn(async move {
             server::serve(config, listener, std::future::pending())

@@ -12,7 +12,6 @@ use std::{pin::Pin, time::Duration};
 
 use exfilguard_controller::{
     correlate::ResponsePolicy,
-    gateway::GatewayLimits,
     k8s::FIELD_MANAGER,
     server::{self, KubeDuties, ServerConfig},
 };
@@ -61,25 +60,17 @@ impl Stack {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let config = ServerConfig {
-            tls: None,
-            db: dir.path().join("c.db"),
-            limits: GatewayLimits::default(),
-            max_streams_per_connection: 64,
             policy: ResponsePolicy {
                 critical,
                 ..Default::default()
             },
-            agent_policy: None,
-            file: Default::default(),
             kube: Some(client),
-            lockdown: Default::default(),
             duties: KubeDuties {
                 exfilpolicies: false,
                 incidents: false,
                 ..Default::default()
             },
-            namespace: "exfilguard-system".into(),
-            leader_election: None,
+            ..ServerConfig::new(dir.path().join("c.db"), None)
         };
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(async move {

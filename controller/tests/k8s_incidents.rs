@@ -11,7 +11,6 @@ use std::{pin::Pin, time::Duration};
 
 use exfilguard_controller::{
     correlate::ResponsePolicy,
-    gateway::GatewayLimits,
     k8s::FIELD_MANAGER,
     server::{self, KubeDuties, ServerConfig},
     store::{
@@ -357,15 +356,8 @@ async fn another_replicas_containment_blocks_the_agent_connected_here() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let config = ServerConfig {
-        tls: None,
-        db: dir.path().join("a.db"),
-        limits: GatewayLimits::default(),
-        max_streams_per_connection: 64,
         policy: lockdown(),
-        agent_policy: None,
-        file: Default::default(),
         kube: Some(Client::new(svc, "default")),
-        lockdown: Default::default(),
         duties: KubeDuties {
             containment: false,
             evidence: false,
@@ -373,7 +365,7 @@ async fn another_replicas_containment_blocks_the_agent_connected_here() {
             incidents: true,
         },
         namespace: NS.into(),
-        leader_election: None,
+        ..ServerConfig::new(dir.path().join("a.db"), None)
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(server::serve(config, listener, async {

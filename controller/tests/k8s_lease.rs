@@ -919,23 +919,15 @@ impl Replica {
         let dir = tempfile::tempdir().unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let config = ServerConfig {
-            tls: None,
-            db: dir.path().join("c.db"),
-            limits: Default::default(),
-            max_streams_per_connection: 64,
-            policy: ResponsePolicy::default(),
-            agent_policy: None,
-            file: Default::default(),
             kube: Some(Client::new(svc, "default")),
-            lockdown: Default::default(),
             duties: KubeDuties {
                 containment: true,
                 evidence: false,
                 exfilpolicies: false,
                 incidents: false,
             },
-            namespace: "exfilguard-system".into(),
             leader_election: Some(config(identity, 1_000, 300, 100)),
+            ..ServerConfig::new(dir.path().join("c.db"), None)
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let served = tokio::spawn(async move {

@@ -422,21 +422,13 @@ async fn an_exfilpolicy_event_reaches_a_connected_agent_over_grpc_within_2s() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let config = ServerConfig {
-        tls: None,
-        db: dir.path().join("controller.db"),
-        limits: Default::default(),
-        max_streams_per_connection: 64,
-        policy: Default::default(),
         agent_policy: Some(default_file),
         kube: Some(Client::new(svc, "default")),
-        file: Default::default(),
-        lockdown: Default::default(),
         duties: exfilguard_controller::server::KubeDuties {
             incidents: false,
             ..Default::default()
         },
-        namespace: "exfilguard-system".into(),
-        leader_election: None,
+        ..ServerConfig::new(dir.path().join("controller.db"), None)
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve(config, listener, async {

@@ -19,8 +19,6 @@ use std::{
 use exfilguard_agent::stream::{StreamConfig, StreamHandle, TlsFiles};
 use exfilguard_controller::{
     certs::{DevPki, write_dev_pki},
-    correlate::ResponsePolicy,
-    gateway::GatewayLimits,
     server::{self, ServerConfig},
 };
 use exfilguard_proto::v1::{
@@ -482,20 +480,7 @@ fn child_process() {
             let listener = tokio::net::TcpListener::bind(var("LISTEN")).await.expect("bind");
             // Leading newline: libtest has printed "test child_process ... " without one.
             println!("\nLISTENING {}", listener.local_addr().unwrap());
-            let config = ServerConfig {
-                tls: Some(server::TlsFiles { cert: pki.cert("controller"), key: pki.key("controller"), client_ca: pki.ca() }),
-                db: PathBuf::from(var("DB")),
-                limits: GatewayLimits::default(),
-                max_streams_per_connection: 64,
-                policy: ResponsePolicy::default(),
-                agent_policy: None,
-                file: Default::default(),
-                kube: None,
-                lockdown: Default::default(),
-                duties: Default::default(),
-                namespace: "exfilguard-system".into(),
-                leader_election: None,
-            };
+            let config = ServerConfig::new(PathBuf::from(var("DB")), Some(server::TlsFiles { cert: pki.cert("controller"), key: pki.key("controller"), client_ca: pki.ca() }));
             server::serve(config, listener, std::future::pending()).await.expect("serve");
         }),
         "agent" => rt.block_on(async {

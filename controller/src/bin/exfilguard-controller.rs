@@ -1,6 +1,10 @@
 //! exfilguard controller daemon: `serve` the gRPC API, or make a development PKI with `certs`.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -10,6 +14,7 @@ use exfilguard_controller::{
     correlate::{ResponsePolicy, default_protected_namespaces},
     gateway::GatewayLimits,
     k8s::{DnsEndpoint, LockdownOptions, lease},
+    metrics::{self, Metrics},
     server::{self, KubeDuties, ServerConfig, TlsFiles},
 };
 use exfilguard_proto::v1::PolicyAction;
@@ -219,6 +224,13 @@ struct Serve {
     /// renews every third of it, the others look every 2/15 of it.
     #[arg(long, env = "EXFILGUARD_LEASE_DURATION", default_value = "15s", value_parser = parse_lease_duration)]
     lease_duration: std::time::Duration,
+    /// Serve Prometheus `/metrics` (ingest latency, messages, agent
+    /// streams) and `/healthz` here, e.g. 0.0.0.0:9465. Off when absent.
+    #[arg(long, env = "EXFILGUARD_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// Write the metrics endpoint's bound address here (useful with port 0).
+    #[arg(long, requires = "metrics_addr")]
+    metrics_addr_file: Option<PathBuf>,
 }
 
 fn parse_lease_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -286,6 +298,13 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+/// Writes `addr` to `path`, then renames, so a reader never sees half an address.
+fn write_addr(path: &Path, addr: SocketAddr) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, addr.to_string()).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display()))
+}
+
 async fn serve(args: Serve) -> anyhow::Result<()> {
     let tls = match (args.insecure, args.cert, args.key, args.client_ca) {
         (true, ..) => None,
@@ -307,12 +326,17 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listen on {}", args.listen))?;
     if let Some(path) = &args.addr_file {
-        let addr = listener.local_addr()?;
-        // Write then rename so a reader never sees half an address.
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, addr.to_string())
-            .with_context(|| format!("write {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display()))?;
+        write_addr(path, listener.local_addr()?)?;
+    }
+    let metrics = Arc::new(Metrics::new());
+    if let Some(addr) = args.metrics_addr {
+        let bound = metrics::serve(addr, metrics.clone())
+            .await
+            .with_context(|| format!("metrics: listen on {addr}"))?;
+        tracing::info!(%bound, "Prometheus metrics on /metrics");
+        if let Some(path) = &args.metrics_addr_file {
+            write_addr(path, bound)?;
+        }
     }
     for cidr in &args.lockdown_keep_cidrs {
         cidr.parse::<ipnet::IpNet>()
@@ -371,6 +395,7 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
         },
         namespace: args.namespace,
         leader_election,
+        metrics,
     };
     server::serve(config, listener, shutdown_signal())
         .await

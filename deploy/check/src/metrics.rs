@@ -7,9 +7,9 @@ use std::collections::BTreeSet;
 
 use crate::CheckError;
 
-/// Series names as Prometheus stores them (`exfilguard_ring_drops_total`, ...).
-pub fn exported_series(source: &str) -> Result<BTreeSet<String>, CheckError> {
-    let origin = "agent/src/metrics.rs";
+/// Series names as Prometheus stores them (`exfilguard_ring_drops_total`, ...)
+/// that the metrics module `source` (read from `origin`) registers.
+pub fn exported_series(source: &str, origin: &str) -> Result<BTreeSet<String>, CheckError> {
     let prefix = between(source, "Registry::with_prefix(\"", "\")")
         .ok_or_else(|| CheckError::invalid(origin, "no Registry::with_prefix(\"...\")"))?;
     let fields = metric_fields(source)
@@ -98,7 +98,7 @@ fn new() {
     registry.register("c_seconds", "help", m.c.clone());
 }
 "#;
-        let names: Vec<_> = exported_series(src).unwrap().into_iter().collect();
+        let names: Vec<_> = exported_series(src, "test").unwrap().into_iter().collect();
         assert_eq!(
             names,
             [
@@ -107,8 +107,11 @@ fn new() {
                 "exfilguard_c_seconds_total"
             ]
         );
-        let err =
-            exported_series("pub struct Metrics {\n}\nRegistry::with_prefix(\"p\")").unwrap_err();
+        let err = exported_series(
+            "pub struct Metrics {\n}\nRegistry::with_prefix(\"p\")",
+            "test",
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("no registry.register"), "{err}");
     }
 }

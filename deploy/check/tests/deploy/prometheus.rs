@@ -60,15 +60,25 @@ fn every_alert_selects_exported_metrics_and_is_labelled() {
         for rule in group["rules"].as_array().expect("rules") {
             let name = rule["alert"].as_str().expect("every rule is an alert");
             let expr = rule["expr"].as_str().expect("expr");
-            for m in promql::selected_metrics(expr, name).unwrap() {
+            let selected = promql::selected_metrics(expr, name).unwrap();
+            for m in &selected {
                 assert!(
-                    known.contains(&m),
-                    "{name} selects {m}, which the agent does not export"
+                    known.contains(m),
+                    "{name} selects {m}, which neither the agent nor the controller exports"
                 );
             }
+            // Scoped to the job of what it selects.
+            let job = if selected
+                .iter()
+                .any(|m| m.starts_with("exfilguard_controller_"))
+            {
+                "exfilguard-controller"
+            } else {
+                "exfilguard-agent"
+            };
             assert!(
-                expr.contains("job=\"exfilguard-agent\""),
-                "{name}: not scoped to the agents' job"
+                expr.contains(&format!("job=\"{job}\"")),
+                "{name}: not scoped to job {job}"
             );
             for label in ["severity", "type"] {
                 assert!(
@@ -115,7 +125,7 @@ fn the_unit_tests_use_real_series_and_cover_every_alert() {
             let name = series.split('{').next().unwrap_or(series);
             assert!(
                 known.contains(name),
-                "test series {series}: the agent exports no {name}"
+                "test series {series}: neither the agent nor the controller exports {name}"
             );
         }
         for a in t["alert_rule_test"].as_array().expect("alert_rule_test") {
