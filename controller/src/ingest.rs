@@ -198,42 +198,52 @@ impl Writer {
             if !hellos.is_empty() {
                 say_hellos(self.store.as_ref(), &mut hellos, &mut hello_replies);
             }
-            if msgs.is_empty() {
-                continue;
+            if !msgs.is_empty() {
+                self.store_batch(&mut msgs, &mut received, &mut replies);
             }
-            let started = Instant::now();
-            let outcomes = self.store.ingest(&msgs, &self.policy);
-            let committed = Instant::now();
-            match outcomes {
-                Ok(outcomes) => {
-                    self.metrics.batch(committed - started, msgs.len());
-                    msgs.clear();
-                    let (mut new, mut duplicate) = (0, 0);
-                    for ((reply, outcome), at) in replies.drain(..).zip(outcomes).zip(&received) {
-                        self.metrics
-                            .ingest_seconds
-                            .observe((committed - *at).as_secs_f64());
-                        let stored = match outcome {
-                            IngestOutcome::Stored(effects) => {
-                                new += 1;
-                                self.hub.apply(self.store.as_ref(), effects);
-                                Stored::New
-                            }
-                            IngestOutcome::Duplicate => {
-                                duplicate += 1;
-                                Stored::Duplicate
-                            }
-                        };
-                        // The stream may have gone; its agent resends.
-                        let _ = reply.send(Ok(stored));
-                    }
-                    self.count(OutcomeLabel::NEW, new);
-                    self.count(OutcomeLabel::DUPLICATE, duplicate);
-                }
-                Err(batch_err) => self.one_by_one(batch_err, &mut msgs, &mut replies),
-            }
-            received.clear();
         }
+    }
+
+    /// Stores one batch in one transaction and answers each sender; the
+    /// vectors are empty afterwards.
+    fn store_batch(
+        &self,
+        msgs: &mut Vec<Ingest>,
+        received: &mut Vec<Instant>,
+        replies: &mut Vec<oneshot::Sender<Result<Stored>>>,
+    ) {
+        let started = Instant::now();
+        let outcomes = self.store.ingest(msgs, &self.policy);
+        let committed = Instant::now();
+        match outcomes {
+            Ok(outcomes) => {
+                self.metrics.batch(committed - started, msgs.len());
+                msgs.clear();
+                let (mut new, mut duplicate) = (0, 0);
+                for ((reply, outcome), at) in replies.drain(..).zip(outcomes).zip(received.iter()) {
+                    self.metrics
+                        .ingest_seconds
+                        .observe((committed - *at).as_secs_f64());
+                    let stored = match outcome {
+                        IngestOutcome::Stored(effects) => {
+                            new += 1;
+                            self.hub.apply(self.store.as_ref(), effects);
+                            Stored::New
+                        }
+                        IngestOutcome::Duplicate => {
+                            duplicate += 1;
+                            Stored::Duplicate
+                        }
+                    };
+                    // The stream may have gone; its agent resends.
+                    let _ = reply.send(Ok(stored));
+                }
+                self.count(OutcomeLabel::NEW, new);
+                self.count(OutcomeLabel::DUPLICATE, duplicate);
+            }
+            Err(batch_err) => self.one_by_one(batch_err, msgs, received, replies),
+        }
+        received.clear();
     }
 
     fn count(&self, outcome: OutcomeLabel, n: u64) {
@@ -251,11 +261,12 @@ impl Writer {
         &self,
         batch_err: Error,
         msgs: &mut Vec<Ingest>,
+        received: &[Instant],
         replies: &mut Vec<oneshot::Sender<Result<Stored>>>,
     ) {
         tracing::warn!(error = %batch_err, size = msgs.len(), "batch failed; retrying messages one by one");
         let mut failed_nodes = std::collections::HashSet::new();
-        for (msg, reply) in msgs.drain(..).zip(replies.drain(..)) {
+        for ((msg, reply), at) in msgs.drain(..).zip(replies.drain(..)).zip(received) {
             if failed_nodes.contains(&msg.node) {
                 self.count(OutcomeLabel::FAILED, 1);
                 let _ = reply.send(Err(Error::Unavailable(format!(
@@ -274,6 +285,11 @@ impl Writer {
                     }
                     _ => Stored::Duplicate,
                 });
+            if result.is_ok() {
+                self.metrics
+                    .ingest_seconds
+                    .observe(at.elapsed().as_secs_f64());
+            }
             self.count(
                 match result {
                     Ok(Stored::New) => OutcomeLabel::NEW,
@@ -292,7 +308,7 @@ impl Writer {
 
 #[cfg(test)]
 mod tests {
-    use exfilguard_proto::v1::FlowReport;
+    use exfilguard_proto::v1::{FlowReport, Workload, WorkloadEgress};
 
     use super::*;
     use crate::store::{Payload, sqlite::SqliteStore};
@@ -355,5 +371,97 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(again, 1);
+    }
+
+    fn flow(node: &str, seq: u64, namespace: &str) -> Ingest {
+        Ingest {
+            node: node.into(),
+            seq,
+            sent_at_ms: 1,
+            received_ms: 2,
+            payload: Payload::Flow(FlowReport {
+                workloads: vec![WorkloadEgress {
+                    workload: Some(Workload {
+                        namespace: namespace.into(),
+                        pod: "web-0".into(),
+                        ..Default::default()
+                    }),
+                    external_bytes: 4096,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn a_message_that_fails_to_store_fails_alone_with_its_nodes_later_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
+        for node in ["node-a", "node-b"] {
+            let info = AgentInfo {
+                node: node.into(),
+                ..Default::default()
+            };
+            store.hello(&info, 1).unwrap();
+        }
+        // A real SQLite failure for one message: a trigger refuses its row.
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "CREATE TRIGGER poison BEFORE INSERT ON egress WHEN NEW.namespace = 'poison'
+                 BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+            )
+            .unwrap();
+        let writer = Writer {
+            store: store.clone(),
+            hub: Hub::new(4),
+            policy: ResponsePolicy::default(),
+            metrics: Arc::new(Metrics::new()),
+        };
+        let mut msgs = vec![
+            flow("node-a", 1, "shop"),
+            flow("node-b", 1, "shop"),
+            flow("node-a", 2, "poison"),
+            flow("node-b", 2, "shop"),
+            flow("node-a", 3, "shop"),
+        ];
+        let mut received = vec![Instant::now(); msgs.len()];
+        let (mut replies, answers): (Vec<_>, Vec<_>) =
+            (0..msgs.len()).map(|_| oneshot::channel()).unzip();
+        writer.store_batch(&mut msgs, &mut received, &mut replies);
+        assert!(msgs.is_empty() && received.is_empty() && replies.is_empty());
+
+        let answers: Vec<_> = answers
+            .into_iter()
+            .map(|mut a| a.try_recv().expect("every sender answered"))
+            .collect();
+        assert!(matches!(answers[0], Ok(Stored::New)), "{answers:?}");
+        assert!(matches!(answers[1], Ok(Stored::New)), "{answers:?}");
+        assert!(answers[2].is_err(), "{answers:?}");
+        assert!(matches!(answers[3], Ok(Stored::New)), "{answers:?}");
+        // Stored, node-a's 3 would make its resent 2 look like a duplicate.
+        let later = answers[4].as_ref().unwrap_err().to_string();
+        assert!(later.contains("earlier message of node node-a"), "{later}");
+        let last: Vec<_> = store
+            .list_nodes()
+            .unwrap()
+            .into_iter()
+            .map(|n| (n.name, n.last_seq))
+            .collect();
+        assert!(last.contains(&("node-a".into(), 1)), "{last:?}");
+        assert!(last.contains(&("node-b".into(), 2)), "{last:?}");
+
+        let text = writer.metrics.encode();
+        for line in [
+            "exfilguard_controller_messages_total{outcome=\"new\"} 3",
+            "exfilguard_controller_messages_total{outcome=\"failed\"} 2",
+            "exfilguard_controller_ingest_seconds_count 3",
+            // The failed batch is not a commit.
+            "exfilguard_controller_commit_seconds_count 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
     }
 }
