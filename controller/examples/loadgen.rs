@@ -134,7 +134,7 @@ async fn read_when_written(path: &std::path::Path) -> anyhow::Result<String> {
 }
 
 /// A Prometheus histogram as scraped: cumulative counts by upper bound.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 struct Histogram {
     /// (upper bound in seconds, cumulative count), ascending; +Inf last.
     buckets: Vec<(f64, f64)>,
@@ -242,7 +242,7 @@ impl Scraper {
     }
 
     /// The controller's ingest → stored and commit histograms.
-    async fn ingest(&self) -> anyhow::Result<(Histogram, Histogram)> {
+    async fn scrape(&self) -> anyhow::Result<(Histogram, Histogram)> {
         let text = self
             .http
             .get(&self.url)
@@ -540,8 +540,7 @@ async fn main() -> anyhow::Result<()> {
     });
     let baseline_rss = rss_kb(pid);
     // Before the first message, so the run's histogram holds exactly its messages.
-    let ingest_at_start = metrics.ingest().await?;
-    let mut ingest_marks = vec![ingest_at_start.clone()];
+    let mut marks = vec![metrics.scrape().await?];
     let mut tasks: Vec<_> = channels
         .into_iter()
         .enumerate()
@@ -571,7 +570,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs(1)).await;
         progress(&mut peak_rss, &mut last);
         if start.elapsed() >= next_mark {
-            ingest_marks.push(metrics.ingest().await?);
+            marks.push(metrics.scrape().await?);
             next_mark += Duration::from_secs(10);
         }
     }
@@ -601,12 +600,12 @@ async fn main() -> anyhow::Result<()> {
         generated_total += generated;
     }
     peak_rss = peak_rss.max(rss_kb(pid));
-    let ingest_at_end = metrics.ingest().await?;
-    ingest_marks.push(ingest_at_end.clone());
-    let ingest = ingest_at_end.0.since(&ingest_at_start.0);
-    let commit = ingest_at_end.1.since(&ingest_at_start.1);
+    marks.push(metrics.scrape().await?);
+    let (first, last) = (&marks[0], &marks[marks.len() - 1]);
+    let ingest = last.0.since(&first.0);
+    let commit = last.1.since(&first.1);
     // By the time of the commit, unlike `ack_latency_ms.p99_by_10s`.
-    let (ingest_by_10s, commit_by_10s): (Vec<f64>, Vec<[f64; 3]>) = ingest_marks
+    let (ingest_by_10s, commit_by_10s): (Vec<f64>, Vec<[f64; 3]>) = marks
         .windows(2)
         .map(|w| {
             let c = w[1].1.since(&w[0].1);

@@ -145,6 +145,13 @@ fn say_hellos(
     infos.clear();
 }
 
+/// A sender waiting for its message's batch to commit.
+struct Waiting {
+    /// When the gateway handed the message over: the start of ingest→stored.
+    received: Instant,
+    reply: oneshot::Sender<Result<Stored>>,
+}
+
 /// The writer thread's state.
 struct Writer {
     store: Arc<dyn Store>,
@@ -156,8 +163,7 @@ struct Writer {
 impl Writer {
     fn run(self, mut rx: mpsc::Receiver<Job>) {
         let mut msgs: Vec<Ingest> = Vec::with_capacity(MAX_BATCH);
-        let mut received: Vec<Instant> = Vec::with_capacity(MAX_BATCH);
-        let mut replies: Vec<oneshot::Sender<Result<Stored>>> = Vec::with_capacity(MAX_BATCH);
+        let mut waiting: Vec<Waiting> = Vec::with_capacity(MAX_BATCH);
         let mut hellos: Vec<AgentInfo> = Vec::new();
         let mut hello_replies = Vec::new();
         let mut last_commit = Instant::now();
@@ -175,12 +181,11 @@ impl Writer {
                 match job {
                     Job::Message {
                         msg,
-                        received: at,
+                        received,
                         reply,
                     } => {
                         msgs.push(msg);
-                        received.push(at);
-                        replies.push(reply);
+                        waiting.push(Waiting { received, reply });
                     }
                     Job::Hello { info, reply } => {
                         hellos.push(info);
@@ -199,19 +204,14 @@ impl Writer {
                 say_hellos(self.store.as_ref(), &mut hellos, &mut hello_replies);
             }
             if !msgs.is_empty() {
-                self.store_batch(&mut msgs, &mut received, &mut replies);
+                self.store_batch(&mut msgs, &mut waiting);
             }
         }
     }
 
-    /// Stores one batch in one transaction and answers each sender; the
+    /// Stores one batch in one transaction and answers each sender; both
     /// vectors are empty afterwards.
-    fn store_batch(
-        &self,
-        msgs: &mut Vec<Ingest>,
-        received: &mut Vec<Instant>,
-        replies: &mut Vec<oneshot::Sender<Result<Stored>>>,
-    ) {
+    fn store_batch(&self, msgs: &mut Vec<Ingest>, waiting: &mut Vec<Waiting>) {
         let started = Instant::now();
         let outcomes = self.store.ingest(msgs, &self.policy);
         let committed = Instant::now();
@@ -220,30 +220,35 @@ impl Writer {
                 self.metrics.batch(committed - started, msgs.len());
                 msgs.clear();
                 let (mut new, mut duplicate) = (0, 0);
-                for ((reply, outcome), at) in replies.drain(..).zip(outcomes).zip(received.iter()) {
+                for (w, outcome) in waiting.drain(..).zip(outcomes) {
                     self.metrics
                         .ingest_seconds
-                        .observe((committed - *at).as_secs_f64());
-                    let stored = match outcome {
-                        IngestOutcome::Stored(effects) => {
-                            new += 1;
-                            self.hub.apply(self.store.as_ref(), effects);
-                            Stored::New
-                        }
-                        IngestOutcome::Duplicate => {
-                            duplicate += 1;
-                            Stored::Duplicate
-                        }
-                    };
+                        .observe((committed - w.received).as_secs_f64());
+                    let stored = self.settle(outcome);
+                    match stored {
+                        Stored::New => new += 1,
+                        Stored::Duplicate => duplicate += 1,
+                    }
                     // The stream may have gone; its agent resends.
-                    let _ = reply.send(Ok(stored));
+                    let _ = w.reply.send(Ok(stored));
                 }
                 self.count(OutcomeLabel::NEW, new);
                 self.count(OutcomeLabel::DUPLICATE, duplicate);
             }
-            Err(batch_err) => self.one_by_one(batch_err, msgs, received, replies),
+            Err(batch_err) => self.one_by_one(batch_err, msgs, waiting),
         }
-        received.clear();
+    }
+
+    /// What a stored message means for its sender; a new one's effects
+    /// (incident events, commands) go out through the hub.
+    fn settle(&self, outcome: IngestOutcome) -> Stored {
+        match outcome {
+            IngestOutcome::Stored(effects) => {
+                self.hub.apply(self.store.as_ref(), effects);
+                Stored::New
+            }
+            IngestOutcome::Duplicate => Stored::Duplicate,
+        }
     }
 
     fn count(&self, outcome: OutcomeLabel, n: u64) {
@@ -257,19 +262,13 @@ impl Writer {
     /// failed, its later ones in this batch fail too: storing them would raise
     /// the node's high-water mark past the failed one, which would then be
     /// taken for a duplicate when resent.
-    fn one_by_one(
-        &self,
-        batch_err: Error,
-        msgs: &mut Vec<Ingest>,
-        received: &[Instant],
-        replies: &mut Vec<oneshot::Sender<Result<Stored>>>,
-    ) {
+    fn one_by_one(&self, batch_err: Error, msgs: &mut Vec<Ingest>, waiting: &mut Vec<Waiting>) {
         tracing::warn!(error = %batch_err, size = msgs.len(), "batch failed; retrying messages one by one");
         let mut failed_nodes = std::collections::HashSet::new();
-        for ((msg, reply), at) in msgs.drain(..).zip(replies.drain(..)).zip(received) {
+        for (msg, w) in msgs.drain(..).zip(waiting.drain(..)) {
             if failed_nodes.contains(&msg.node) {
                 self.count(OutcomeLabel::FAILED, 1);
-                let _ = reply.send(Err(Error::Unavailable(format!(
+                let _ = w.reply.send(Err(Error::Unavailable(format!(
                     "an earlier message of node {} failed to store; resend from there",
                     msg.node
                 ))));
@@ -278,30 +277,21 @@ impl Writer {
             let result = self
                 .store
                 .ingest(std::slice::from_ref(&msg), &self.policy)
-                .map(|mut o| match o.pop() {
-                    Some(IngestOutcome::Stored(effects)) => {
-                        self.hub.apply(self.store.as_ref(), effects);
-                        Stored::New
-                    }
-                    _ => Stored::Duplicate,
-                });
+                .map(|mut o| o.pop().map_or(Stored::Duplicate, |o| self.settle(o)));
+            let label = match result {
+                Ok(Stored::New) => OutcomeLabel::NEW,
+                Ok(Stored::Duplicate) => OutcomeLabel::DUPLICATE,
+                Err(_) => OutcomeLabel::FAILED,
+            };
+            self.count(label, 1);
             if result.is_ok() {
                 self.metrics
                     .ingest_seconds
-                    .observe(at.elapsed().as_secs_f64());
-            }
-            self.count(
-                match result {
-                    Ok(Stored::New) => OutcomeLabel::NEW,
-                    Ok(Stored::Duplicate) => OutcomeLabel::DUPLICATE,
-                    Err(_) => OutcomeLabel::FAILED,
-                },
-                1,
-            );
-            if result.is_err() {
+                    .observe(w.received.elapsed().as_secs_f64());
+            } else {
                 failed_nodes.insert(msg.node);
             }
-            let _ = reply.send(result);
+            let _ = w.reply.send(result);
         }
     }
 }
@@ -427,11 +417,15 @@ mod tests {
             flow("node-b", 2, "shop"),
             flow("node-a", 3, "shop"),
         ];
-        let mut received = vec![Instant::now(); msgs.len()];
-        let (mut replies, answers): (Vec<_>, Vec<_>) =
-            (0..msgs.len()).map(|_| oneshot::channel()).unzip();
-        writer.store_batch(&mut msgs, &mut received, &mut replies);
-        assert!(msgs.is_empty() && received.is_empty() && replies.is_empty());
+        let (mut waiting, answers): (Vec<_>, Vec<_>) = (0..msgs.len())
+            .map(|_| {
+                let (reply, answer) = oneshot::channel();
+                let received = Instant::now();
+                (Waiting { received, reply }, answer)
+            })
+            .unzip();
+        writer.store_batch(&mut msgs, &mut waiting);
+        assert!(msgs.is_empty() && waiting.is_empty());
 
         let answers: Vec<_> = answers
             .into_iter()
