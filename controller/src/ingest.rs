@@ -145,6 +145,12 @@ fn say_hellos(
     infos.clear();
 }
 
+/// The error for a message the store gave no outcome for: the agent keeps it
+/// and resends, rather than dropping a message that may not be stored.
+fn no_outcome() -> Error {
+    Error::Unavailable("the store answered no outcome for this message; resend it".into())
+}
+
 /// A sender waiting for its message's batch to commit.
 struct Waiting {
     /// When the gateway handed the message over: the start of ingest→stored.
@@ -219,8 +225,16 @@ impl Writer {
             Ok(outcomes) => {
                 self.metrics.batch(committed - started, msgs.len());
                 msgs.clear();
-                let (mut new, mut duplicate) = (0, 0);
-                for (w, outcome) in waiting.drain(..).zip(outcomes) {
+                let (mut new, mut duplicate, mut failed) = (0, 0, 0);
+                let mut outcomes = outcomes.into_iter();
+                for w in waiting.drain(..) {
+                    // A store that answers fewer outcomes than messages is a
+                    // bug; the unanswered ones must not be taken as stored.
+                    let Some(outcome) = outcomes.next() else {
+                        failed += 1;
+                        let _ = w.reply.send(Err(no_outcome()));
+                        continue;
+                    };
                     self.metrics
                         .ingest_seconds
                         .observe((committed - w.received).as_secs_f64());
@@ -234,6 +248,7 @@ impl Writer {
                 }
                 self.count(OutcomeLabel::NEW, new);
                 self.count(OutcomeLabel::DUPLICATE, duplicate);
+                self.count(OutcomeLabel::FAILED, failed);
             }
             Err(batch_err) => self.one_by_one(batch_err, msgs, waiting),
         }
@@ -277,7 +292,7 @@ impl Writer {
             let result = self
                 .store
                 .ingest(std::slice::from_ref(&msg), &self.policy)
-                .map(|mut o| o.pop().map_or(Stored::Duplicate, |o| self.settle(o)));
+                .and_then(|mut o| o.pop().map(|o| self.settle(o)).ok_or_else(no_outcome));
             let label = match result {
                 Ok(Stored::New) => OutcomeLabel::NEW,
                 Ok(Stored::Duplicate) => OutcomeLabel::DUPLICATE,
