@@ -26,6 +26,7 @@ pub mod k8s;
 pub mod metrics;
 pub mod node_policy;
 pub mod report;
+pub mod retention;
 pub mod retry;
 pub mod server;
 pub mod store;

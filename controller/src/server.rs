@@ -82,6 +82,8 @@ pub struct ServerConfig {
     /// Where the ingest path records its metrics (served on `/metrics` by
     /// whoever holds the other handle).
     pub metrics: Arc<Metrics>,
+    /// How long egress aggregates (TopTalkers, the reports' chart) are kept.
+    pub egress_retention: Duration,
 }
 
 impl ServerConfig {
@@ -103,6 +105,7 @@ impl ServerConfig {
             namespace: lease::DEFAULT_NAMESPACE.into(),
             leader_election: None,
             metrics: Arc::new(Metrics::new()),
+            egress_retention: crate::retention::DEFAULT_EGRESS_RETENTION,
         }
     }
 }
@@ -350,6 +353,10 @@ pub async fn serve(
         .with_leader(leader.clone())
         .spawn(hub.subscribe());
     }
+    let _pruner = AbortOnDrop(Some(crate::retention::spawn_egress_pruner(
+        store.clone(),
+        config.egress_retention,
+    )));
     let ingestor = Ingestor::start(
         store.clone(),
         hub.clone(),

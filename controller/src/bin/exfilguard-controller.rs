@@ -231,6 +231,21 @@ struct Serve {
     /// Write the metrics endpoint's bound address here (useful with port 0).
     #[arg(long, requires = "metrics_addr")]
     metrics_addr_file: Option<PathBuf>,
+    /// How long per-window egress aggregates (TopTalkers, the reports'
+    /// egress chart) are kept, e.g. 30d; incidents and evidence are kept
+    /// regardless.
+    #[arg(long, env = "EXFILGUARD_EGRESS_RETENTION", default_value = "30d", value_parser = parse_retention)]
+    egress_retention: std::time::Duration,
+}
+
+fn parse_retention(s: &str) -> Result<std::time::Duration, String> {
+    let d = exfilguard_policy::parse_duration(s)?;
+    if d < std::time::Duration::from_secs(3600) {
+        return Err(format!(
+            "{s}: keep egress aggregates at least 1h (TopTalkers looks back that far by default)"
+        ));
+    }
+    Ok(d)
 }
 
 fn parse_lease_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -396,6 +411,7 @@ async fn serve(args: Serve) -> anyhow::Result<()> {
         namespace: args.namespace,
         leader_election,
         metrics,
+        egress_retention: args.egress_retention,
     };
     server::serve(config, listener, shutdown_signal())
         .await

@@ -791,6 +791,11 @@ impl Store for KubeStore {
     ) -> Result<Vec<EgressPoint>> {
         self.local.egress_series(workload_key, from_ms, to_ms)
     }
+
+    fn prune_egress(&self, before_ms: u64, limit: u32) -> Result<u64> {
+        // Egress stays in each replica's own file; it is not replicated.
+        self.local.prune_egress(before_ms, limit)
+    }
 }
 
 #[cfg(test)]

@@ -337,4 +337,7 @@ pub trait Store: Outbox + Send + Sync {
         from_ms: u64,
         to_ms: u64,
     ) -> Result<Vec<EgressPoint>>;
+    /// Deletes at most `limit` egress aggregates whose window ended before
+    /// `before_ms`, oldest first; returns how many it deleted.
+    fn prune_egress(&self, before_ms: u64, limit: u32) -> Result<u64>;
 }

@@ -1164,6 +1164,20 @@ impl Store for SqliteStore {
         rows.collect::<rusqlite::Result<_>>()
             .map_err(Error::store("egress series"))
     }
+
+    fn prune_egress(&self, before_ms: u64, limit: u32) -> Result<u64> {
+        let conn = self.writer()?;
+        let mut stmt = conn
+            .prepare_cached(
+                "DELETE FROM egress WHERE rowid IN
+                 (SELECT rowid FROM egress WHERE window_end_ms < ?1 ORDER BY window_end_ms LIMIT ?2)",
+            )
+            .map_err(Error::store("prune egress"))?;
+        let deleted = stmt
+            .execute(params![before_ms, limit])
+            .map_err(Error::store("prune egress"))?;
+        Ok(deleted as u64)
+    }
 }
 
 /// Severity ordering used by `MAX(severity)` relies on the enum's numbers growing with badness.
