@@ -115,7 +115,7 @@ fn prometheus_objects_render_the_deploy_prometheus_files() {
 fn values_reach_the_objects() {
     let rendered = render(json!({
         "agent": {"image": {"tag": "9.9.9"}, "nodeSelector": {"kubernetes.io/os": "linux"}, "metricsPort": 9500},
-        "controller": {"replicas": 3, "criticalAction": "alert"},
+        "controller": {"replicas": 3, "criticalAction": "alert", "egressRetention": "7d"},
         "agentPolicy": {"internal_cidrs": ["10.42.0.0/16", "10.43.0.0/16"], "allow_cidrs": ["198.51.100.20/32"]},
     }));
     let ds = repo::find(&rendered, "DaemonSet", "exfilguard-agent").unwrap();
@@ -145,6 +145,7 @@ fn values_reach_the_objects() {
         .as_array()
         .unwrap();
     assert!(ctl_args.contains(&json!("--critical-action=alert")));
+    assert!(ctl_args.contains(&json!("--egress-retention=7d")));
     let cm = repo::find(&rendered, "ConfigMap", "exfilguard-agent-policy").unwrap();
     let policy = &normalized(cm)["data"]["agent-policy.yaml"];
     assert_eq!(policy["allow_cidrs"], json!(["198.51.100.20/32"]));
