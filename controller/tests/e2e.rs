@@ -978,6 +978,25 @@ fn kubernetes_on_without_a_cluster_refuses_to_start() {
     );
 }
 
+#[test]
+fn an_egress_retention_under_an_hour_or_without_a_unit_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for (value, says) in [("10m", "at least 1h"), ("30", "has no unit")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_exfilguard-controller"))
+            .args(["serve", "--insecure", "--listen", "127.0.0.1:0", "--db"])
+            .arg(dir.path().join("c.db"))
+            .args(["--kubernetes", "off", "--egress-retention", value])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(
+            err.contains("--egress-retention") && err.contains(says),
+            "{err}"
+        );
+    }
+}
+
 /// A webhook sink on 127.0.0.1 that answers 503 while `down`, and otherwise
 /// records each alert's idempotency key (what it processed).
 mod webhook {
