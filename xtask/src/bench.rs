@@ -12,7 +12,7 @@ const RESULTS_DIR: &str = "target/bench";
 
 /// One benchmark: a name, what it measures, and the function that runs it.
 pub struct Benchmark {
-    /// Short name, also the prefix of its measures' names.
+    /// Short name, as `cargo xtask bench NAME` selects it.
     pub name: &'static str,
     /// What it measures, one line.
     pub about: &'static str,
@@ -196,8 +196,47 @@ pub struct Measure {
     pub met: bool,
 }
 
-/// Shows BENCHMARKS.md, runs every benchmark, and writes the results.
-pub fn run(env: &BuildEnv, root: &Path) -> anyhow::Result<()> {
+/// Options of `cargo xtask bench`.
+#[derive(Debug, clap::Args)]
+pub struct Options {
+    /// Run only these benchmarks (datapath, detect, controller,
+    /// controller-burst, lockdown, contain); every one when none is named.
+    /// The other benchmarks' measures in results.json are kept.
+    pub only: Vec<String>,
+}
+
+/// The benchmarks `only` names, in [`BENCHMARKS`] order; all when empty.
+fn select(only: &[String]) -> anyhow::Result<Vec<&'static Benchmark>> {
+    if let Some(unknown) = only
+        .iter()
+        .find(|n| !BENCHMARKS.iter().any(|b| b.name == n.as_str()))
+    {
+        let known: Vec<&str> = BENCHMARKS.iter().map(|b| b.name).collect();
+        anyhow::bail!("no benchmark {unknown:?}; there are: {}", known.join(", "));
+    }
+    Ok(BENCHMARKS
+        .iter()
+        .filter(|b| only.is_empty() || only.iter().any(|n| n == b.name))
+        .collect())
+}
+
+/// `earlier` with every measure `now` has again replaced, then `now`'s new ones.
+fn merge(earlier: Vec<Measure>, now: &[Measure]) -> Vec<Measure> {
+    let mut merged: Vec<Measure> = earlier
+        .into_iter()
+        .map(|m| now.iter().find(|n| n.name == m.name).cloned().unwrap_or(m))
+        .collect();
+    for m in now {
+        if !merged.iter().any(|e| e.name == m.name) {
+            merged.push(m.clone());
+        }
+    }
+    merged
+}
+
+/// Shows BENCHMARKS.md, runs the selected benchmarks, and writes the results.
+pub fn run(env: &BuildEnv, root: &Path, options: &Options) -> anyhow::Result<()> {
+    let selected = select(&options.only)?;
     let dir = root.join(RESULTS_DIR);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
 
@@ -211,7 +250,7 @@ pub fn run(env: &BuildEnv, root: &Path) -> anyhow::Result<()> {
     }
 
     let mut measures = Vec::new();
-    for Benchmark { name, about, run } in BENCHMARKS {
+    for Benchmark { name, about, run } in selected {
         println!("==> {name}: {about}");
         measures.extend(run(env).with_context(|| format!("benchmark {name}"))?);
     }
@@ -227,6 +266,17 @@ pub fn run(env: &BuildEnv, root: &Path) -> anyhow::Result<()> {
         println!("{name:<40} {value:>12.3} {unit:<6} goal {goal:<12} {verdict}");
     }
     let results = dir.join("results.json");
+    // A partial run keeps what the others measured last time.
+    let measures = if options.only.is_empty() {
+        measures
+    } else {
+        let earlier = if results.exists() {
+            read_measures(&results)?
+        } else {
+            Vec::new()
+        };
+        merge(earlier, &measures)
+    };
     write_results(&results, &measures)?;
     println!("wrote {}", results.display());
     Ok(())
@@ -246,7 +296,56 @@ mod tests {
 
     use serde_json::{Value, json};
 
-    use super::{Measure, write_results};
+    use super::{BENCHMARKS, Measure, merge, select, write_results};
+
+    fn measure(name: &str, value: f64) -> Measure {
+        Measure {
+            name: name.into(),
+            value,
+            unit: "ms".into(),
+            goal: "<= 50".into(),
+            met: value <= 50.0,
+        }
+    }
+
+    #[test]
+    fn named_benchmarks_run_in_table_order_and_unknown_names_are_refused() {
+        let names = |only: &[&str]| -> Vec<&str> {
+            let only: Vec<String> = only.iter().map(|s| s.to_string()).collect();
+            select(&only).unwrap().iter().map(|b| b.name).collect()
+        };
+        assert_eq!(names(&[]).len(), BENCHMARKS.len());
+        assert_eq!(
+            names(&["controller-burst", "controller"]),
+            ["controller", "controller-burst"]
+        );
+        let Err(err) = select(&["controler".to_string()]) else {
+            panic!("a misspelt name was accepted");
+        };
+        let err = err.to_string();
+        assert!(
+            err.contains("\"controler\"") && err.contains("controller-burst"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_partial_run_replaces_its_measures_and_keeps_the_others() {
+        let earlier = vec![measure("egress.hit", 94.0), measure("controller.p99", 56.0)];
+        let now = [
+            measure("controller.p99", 30.0),
+            measure("controller.new", 1.0),
+        ];
+        let merged = merge(earlier, &now);
+        assert_eq!(
+            merged,
+            [
+                measure("egress.hit", 94.0),
+                measure("controller.p99", 30.0),
+                measure("controller.new", 1.0)
+            ]
+        );
+    }
 
     #[test]
     fn results_are_an_array_of_measures() {

@@ -39,8 +39,8 @@ enum Command {
     Build(build::Options),
     /// Run every check CI runs: fmt, clippy, unit tests, kernel tests (root).
     Test(test::Options),
-    /// Run the benchmarks and write target/bench/results.json.
-    Bench,
+    /// Run the benchmarks (all, or those named) and write target/bench/results.json.
+    Bench(bench::Options),
     /// Make a development CA and controller, agent and client certificates.
     Certs(certs::Options),
     /// A live exfiltration in a namespace lab, caught and contained by the
@@ -100,7 +100,7 @@ fn run() -> anyhow::Result<()> {
         }
         Command::Build(options) => build::run(&setup.env, &options).context("build"),
         Command::Test(options) => test::run(&setup.env, &options).context("test"),
-        Command::Bench => bench::run(&setup.env, &root).context("bench"),
+        Command::Bench(options) => bench::run(&setup.env, &root, &options).context("bench"),
         Command::Certs(options) => certs::run(&setup.env, &options).context("certs"),
         Command::Demo(options) => demo::run(&setup.env, &options).context("demo"),
     }
