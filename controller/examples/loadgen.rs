@@ -105,6 +105,31 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// The scheduler's account of the controller's thread named `comm` (from
+/// /proc/PID/task/TID/schedstat): nanoseconds on a CPU, nanoseconds runnable
+/// but waiting for one, and times it was scheduled in. Zeros if not found.
+fn thread_schedstat(pid: u32, comm: &str) -> [u64; 3] {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten();
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if name.trim() != comm {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("schedstat")).unwrap_or_default();
+        let v: Vec<u64> = stat
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        if let [run, wait, slices] = v[..] {
+            return [run, wait, slices];
+        }
+    }
+    [0; 3]
+}
+
 /// CPU time (user + system) a process has used so far, in seconds.
 fn cpu_seconds(pid: &str) -> f64 {
     // Fields 14 and 15 of /proc/PID/stat, after the parenthesised command name.
@@ -241,8 +266,8 @@ impl Scraper {
         }
     }
 
-    /// The controller's ingest → stored and commit histograms.
-    async fn scrape(&self) -> anyhow::Result<(Histogram, Histogram)> {
+    /// The controller's ingest series, now.
+    async fn scrape(&self) -> anyhow::Result<Scrape> {
         let text = self
             .http
             .get(&self.url)
@@ -251,10 +276,44 @@ impl Scraper {
             .error_for_status()?
             .text()
             .await?;
-        Ok((
-            Histogram::parse(&text, "exfilguard_controller_ingest_seconds")?,
-            Histogram::parse(&text, "exfilguard_controller_commit_seconds")?,
-        ))
+        let busy = "exfilguard_controller_writer_busy_seconds_total ";
+        Ok(Scrape {
+            at: Instant::now(),
+            ingest: Histogram::parse(&text, "exfilguard_controller_ingest_seconds")?,
+            queue: Histogram::parse(&text, "exfilguard_controller_queue_seconds")?,
+            commit: Histogram::parse(&text, "exfilguard_controller_commit_seconds")?,
+            writer_busy_s: text
+                .lines()
+                .find_map(|l| l.strip_prefix(busy))
+                .context("no writer_busy_seconds in the controller's metrics")?
+                .trim()
+                .parse()?,
+        })
+    }
+}
+
+/// One read of the controller's ingest series.
+struct Scrape {
+    at: Instant,
+    /// Received → durable commit, per message.
+    ingest: Histogram,
+    /// Received → its batch starts storing, per message.
+    queue: Histogram,
+    /// Store and commit, per batch.
+    commit: Histogram,
+    /// Seconds the writer has been busy so far.
+    writer_busy_s: f64,
+}
+
+impl Scrape {
+    /// The writer's busy share between `earlier` and this read (0..1).
+    fn busy_since(&self, earlier: &Scrape) -> f64 {
+        let wall = (self.at - earlier.at).as_secs_f64();
+        if wall > 0.0 {
+            (self.writer_busy_s - earlier.writer_busy_s) / wall
+        } else {
+            0.0
+        }
     }
 }
 
@@ -541,6 +600,8 @@ async fn main() -> anyhow::Result<()> {
     let baseline_rss = rss_kb(pid);
     // Before the first message, so the run's histogram holds exactly its messages.
     let mut marks = vec![metrics.scrape().await?];
+    // The ingest writer's time waiting for a CPU, read with each scrape.
+    let mut sched = vec![thread_schedstat(pid, "ingest")];
     let mut tasks: Vec<_> = channels
         .into_iter()
         .enumerate()
@@ -571,6 +632,7 @@ async fn main() -> anyhow::Result<()> {
         progress(&mut peak_rss, &mut last);
         if start.elapsed() >= next_mark {
             marks.push(metrics.scrape().await?);
+            sched.push(thread_schedstat(pid, "ingest"));
             next_mark += Duration::from_secs(10);
         }
     }
@@ -601,22 +663,43 @@ async fn main() -> anyhow::Result<()> {
     }
     peak_rss = peak_rss.max(rss_kb(pid));
     marks.push(metrics.scrape().await?);
+    sched.push(thread_schedstat(pid, "ingest"));
     let (first, last) = (&marks[0], &marks[marks.len() - 1]);
-    let ingest = last.0.since(&first.0);
-    let commit = last.1.since(&first.1);
-    // By the time of the commit, unlike `ack_latency_ms.p99_by_10s`.
-    let (ingest_by_10s, commit_by_10s): (Vec<f64>, Vec<[f64; 3]>) = marks
+    // Per 10 s: ms the writer spent runnable but off-CPU, and the mean wait
+    // per time it was scheduled in (µs).
+    let run_queue_by_10s: Vec<[f64; 2]> = sched
         .windows(2)
         .map(|w| {
-            let c = w[1].1.since(&w[0].1);
-            (
-                w[1].0.since(&w[0].0).quantile_ms(0.99),
-                [c.count, c.mean_ms(), c.quantile_ms(0.99)],
-            )
+            let wait = w[1][1].saturating_sub(w[0][1]) as f64;
+            let slices = w[1][2].saturating_sub(w[0][2]).max(1) as f64;
+            [wait / 1e6, wait / slices / 1e3]
         })
-        .unzip();
+        .collect();
+    let ingest = last.ingest.since(&first.ingest);
+    let queue = last.queue.since(&first.queue);
+    let commit = last.commit.since(&first.commit);
+    // By the time of the commit, unlike `ack_latency_ms.p99_by_10s`.
+    let windows = || marks.windows(2);
+    let ingest_by_10s: Vec<f64> = windows()
+        .map(|w| w[1].ingest.since(&w[0].ingest).quantile_ms(0.99))
+        .collect();
+    let queue_by_10s: Vec<f64> = windows()
+        .map(|w| w[1].queue.since(&w[0].queue).quantile_ms(0.99))
+        .collect();
+    let commit_by_10s: Vec<[f64; 3]> = windows()
+        .map(|w| {
+            let c = w[1].commit.since(&w[0].commit);
+            [c.count, c.mean_ms(), c.quantile_ms(0.99)]
+        })
+        .collect();
+    let busy_by_10s: Vec<f64> = windows().map(|w| w[1].busy_since(&w[0])).collect();
     eprintln!("ingest → stored p99 (ms) of the commits in each 10 s: {ingest_by_10s:?}");
+    eprintln!("received → batch storing p99 (ms) in each 10 s: {queue_by_10s:?}");
     eprintln!("commits in each 10 s [count, mean ms, p99 ms]: {commit_by_10s:?}");
+    eprintln!("writer busy share in each 10 s: {busy_by_10s:?}");
+    eprintln!(
+        "writer waiting for a CPU in each 10 s [ms, mean µs per wake-up]: {run_queue_by_10s:?}"
+    );
     // What the store says: each node's high-water mark must equal what it saw acknowledged.
     let issued = ca.issue_client("loadgen", Role::Viewer)?;
     let mut api = IncidentsClient::new(
@@ -663,6 +746,16 @@ async fn main() -> anyhow::Result<()> {
             "share_within_50ms": ingest.share_within(0.05),
             "p99_by_10s": ingest_by_10s,
         },
+        "queue_ms": {
+            "p50": queue.quantile_ms(0.5),
+            "p99": queue.quantile_ms(0.99),
+            "p99_by_10s": queue_by_10s,
+        },
+        "writer_busy_share": {
+            "run": last.busy_since(first),
+            "by_10s": busy_by_10s,
+        },
+        "writer_run_queue_by_10s_ms_and_mean_us": run_queue_by_10s,
         "commit_ms": {
             "batches": commit.count,
             "mean": commit.mean_ms(),

@@ -182,6 +182,7 @@ impl Writer {
                 thread::sleep(due - now);
             }
             last_commit = Instant::now();
+            let busy_from = last_commit;
             let mut next = Some(first);
             while let Some(job) = next {
                 match job {
@@ -212,6 +213,9 @@ impl Writer {
             if !msgs.is_empty() {
                 self.store_batch(&mut msgs, &mut waiting);
             }
+            self.metrics
+                .writer_busy_seconds
+                .inc_by(busy_from.elapsed().as_secs_f64());
         }
     }
 
@@ -219,6 +223,11 @@ impl Writer {
     /// vectors are empty afterwards.
     fn store_batch(&self, msgs: &mut Vec<Ingest>, waiting: &mut Vec<Waiting>) {
         let started = Instant::now();
+        for w in waiting.iter() {
+            self.metrics
+                .queue_seconds
+                .observe((started - w.received).as_secs_f64());
+        }
         let outcomes = self.store.ingest(msgs, &self.policy);
         let committed = Instant::now();
         match outcomes {
@@ -469,6 +478,8 @@ mod tests {
             "exfilguard_controller_ingest_seconds_count 3",
             // The failed batch is not a commit.
             "exfilguard_controller_commit_seconds_count 0",
+            // Each message waited once for the batch that then failed.
+            "exfilguard_controller_queue_seconds_count 5",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }

@@ -1,7 +1,11 @@
 //! The controller's Prometheus metrics (ingest latency and throughput, agent
 //! streams) and the small HTTP server that exposes them on `/metrics`.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicU64},
+    time::Duration,
+};
 
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
 use prometheus_client::{
@@ -42,8 +46,14 @@ pub struct Metrics {
     /// Seconds from receiving an agent message to the commit that made it
     /// durable (when it may be acknowledged), per message.
     pub ingest_seconds: Histogram,
+    /// Seconds an agent message waits, from being received until its batch
+    /// starts storing (the part of `ingest_seconds` that is not its commit).
+    pub queue_seconds: Histogram,
     /// Seconds to store and commit one batch.
     pub commit_seconds: Histogram,
+    /// Seconds the ingest writer spent storing and answering, not waiting
+    /// for messages: its rate is how busy the single writer is (1 = saturated).
+    pub writer_busy_seconds: Counter<f64, AtomicU64>,
     /// Messages per committed batch.
     pub batch_messages: Histogram,
     /// Agent messages by outcome.
@@ -65,7 +75,9 @@ impl Metrics {
         let m = Self {
             registry: Registry::default(),
             ingest_seconds: Histogram::new(LATENCY_BUCKETS),
+            queue_seconds: Histogram::new(LATENCY_BUCKETS),
             commit_seconds: Histogram::new(LATENCY_BUCKETS),
+            writer_busy_seconds: Counter::default(),
             batch_messages: Histogram::new((0..11).map(|i| f64::from(1u32 << i))),
             messages: Family::default(),
             agent_streams: Gauge::default(),
@@ -74,6 +86,16 @@ impl Metrics {
             "ingest_seconds",
             "Time from receiving an agent message to its durable commit",
             m.ingest_seconds.clone(),
+        );
+        registry.register(
+            "queue_seconds",
+            "Time from receiving an agent message until its batch starts storing",
+            m.queue_seconds.clone(),
+        );
+        registry.register(
+            "writer_busy_seconds",
+            "Time the ingest writer spent storing and answering batches",
+            m.writer_busy_seconds.clone(),
         );
         registry.register(
             "commit_seconds",
@@ -187,6 +209,8 @@ mod tests {
             "exfilguard_controller_ingest_seconds_bucket{le=\"0.005\"} 1",
             "exfilguard_controller_ingest_seconds_bucket{le=\"0.002\"} 0",
             "exfilguard_controller_commit_seconds_count 1",
+            "exfilguard_controller_queue_seconds_count 0",
+            "exfilguard_controller_writer_busy_seconds_total 0.0",
             "exfilguard_controller_batch_messages_bucket{le=\"64.0\"} 1",
             "exfilguard_controller_messages_total{outcome=\"new\"} 40",
             "exfilguard_controller_agent_streams 0",

@@ -1224,6 +1224,10 @@ fn metrics_count_stored_messages_their_latency_and_connected_agents() {
         assert_eq!(sample(&text, within), Some(SENT as f64), "{text}");
         assert!(sample(&text, "exfilguard_controller_ingest_seconds_sum").unwrap() > 0.0);
         assert!(sample(&text, "exfilguard_controller_commit_seconds_count").unwrap() >= 1.0);
+        let queued = "exfilguard_controller_queue_seconds_count";
+        assert_eq!(sample(&text, queued), Some(SENT as f64), "{text}");
+        let busy = "exfilguard_controller_writer_busy_seconds_total";
+        assert!(sample(&text, busy).unwrap() > 0.0, "{text}");
         let streams = "exfilguard_controller_agent_streams";
         assert_eq!(sample(&text, streams), Some(1.0), "{text}");
 
