@@ -6,8 +6,9 @@
 //! behind it waits. A PASSIVE checkpoint on another connection copies the
 //! frames while the writer goes on committing (it takes no write lock). The
 //! writer's own automatic checkpoint stays as the backstop that lets the WAL
-//! restart from its beginning: by the time it runs, almost every frame has
-//! been copied already, so it is short.
+//! restart from its beginning (the passive ones never quite catch up while
+//! the writer appends): it copies only the frames since the last pass here,
+//! at most one interval's worth, instead of all of them.
 
 use std::{
     path::Path,
