@@ -252,17 +252,19 @@ impl Histogram {
     }
 }
 
-/// Reads the controller's `/metrics`.
+/// Reads the controller's `/metrics`, and its writer thread's schedstat.
 struct Scraper {
     url: String,
     http: reqwest::Client,
+    pid: u32,
 }
 
 impl Scraper {
-    fn new(addr: String) -> Self {
+    fn new(addr: String, pid: u32) -> Self {
         Self {
             url: format!("http://{addr}/metrics"),
             http: reqwest::Client::new(),
+            pid,
         }
     }
 
@@ -288,6 +290,7 @@ impl Scraper {
                 .context("no writer_busy_seconds in the controller's metrics")?
                 .trim()
                 .parse()?,
+            writer_sched: thread_schedstat(self.pid, "ingest"),
         })
     }
 }
@@ -303,6 +306,8 @@ struct Scrape {
     commit: Histogram,
     /// Seconds the writer has been busy so far.
     writer_busy_s: f64,
+    /// The writer thread's schedstat (see [`thread_schedstat`]).
+    writer_sched: [u64; 3],
 }
 
 impl Scrape {
@@ -314,6 +319,15 @@ impl Scrape {
         } else {
             0.0
         }
+    }
+
+    /// Since `earlier`: ms the writer was runnable but off-CPU, and the mean
+    /// of that wait per time it was scheduled in (µs).
+    fn run_queue_since(&self, earlier: &Scrape) -> [f64; 2] {
+        let [_, wait, slices] = self.writer_sched;
+        let wait = wait.saturating_sub(earlier.writer_sched[1]) as f64;
+        let slices = slices.saturating_sub(earlier.writer_sched[2]).max(1) as f64;
+        [wait / 1e6, wait / slices / 1e3]
     }
 }
 
@@ -578,7 +592,7 @@ async fn main() -> anyhow::Result<()> {
     let pid = child.id();
     let _guard = Guard(child);
     let addr = read_when_written(&addr_file).await?;
-    let metrics = Scraper::new(read_when_written(&metrics_file).await?);
+    let metrics = Scraper::new(read_when_written(&metrics_file).await?, pid);
     let ca_pem = std::fs::read_to_string(pki.ca())?;
     eprintln!(
         "controller pid {pid} on {addr}; issuing {} agent certificates and connecting",
@@ -600,8 +614,6 @@ async fn main() -> anyhow::Result<()> {
     let baseline_rss = rss_kb(pid);
     // Before the first message, so the run's histogram holds exactly its messages.
     let mut marks = vec![metrics.scrape().await?];
-    // The ingest writer's time waiting for a CPU, read with each scrape.
-    let mut sched = vec![thread_schedstat(pid, "ingest")];
     let mut tasks: Vec<_> = channels
         .into_iter()
         .enumerate()
@@ -632,7 +644,6 @@ async fn main() -> anyhow::Result<()> {
         progress(&mut peak_rss, &mut last);
         if start.elapsed() >= next_mark {
             marks.push(metrics.scrape().await?);
-            sched.push(thread_schedstat(pid, "ingest"));
             next_mark += Duration::from_secs(10);
         }
     }
@@ -663,18 +674,7 @@ async fn main() -> anyhow::Result<()> {
     }
     peak_rss = peak_rss.max(rss_kb(pid));
     marks.push(metrics.scrape().await?);
-    sched.push(thread_schedstat(pid, "ingest"));
     let (first, last) = (&marks[0], &marks[marks.len() - 1]);
-    // Per 10 s: ms the writer spent runnable but off-CPU, and the mean wait
-    // per time it was scheduled in (µs).
-    let run_queue_by_10s: Vec<[f64; 2]> = sched
-        .windows(2)
-        .map(|w| {
-            let wait = w[1][1].saturating_sub(w[0][1]) as f64;
-            let slices = w[1][2].saturating_sub(w[0][2]).max(1) as f64;
-            [wait / 1e6, wait / slices / 1e3]
-        })
-        .collect();
     let ingest = last.ingest.since(&first.ingest);
     let queue = last.queue.since(&first.queue);
     let commit = last.commit.since(&first.commit);
@@ -693,6 +693,7 @@ async fn main() -> anyhow::Result<()> {
         })
         .collect();
     let busy_by_10s: Vec<f64> = windows().map(|w| w[1].busy_since(&w[0])).collect();
+    let run_queue_by_10s: Vec<[f64; 2]> = windows().map(|w| w[1].run_queue_since(&w[0])).collect();
     eprintln!("ingest → stored p99 (ms) of the commits in each 10 s: {ingest_by_10s:?}");
     eprintln!("received → batch storing p99 (ms) in each 10 s: {queue_by_10s:?}");
     eprintln!("commits in each 10 s [count, mean ms, p99 ms]: {commit_by_10s:?}");

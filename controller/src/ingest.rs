@@ -182,7 +182,6 @@ impl Writer {
                 thread::sleep(due - now);
             }
             last_commit = Instant::now();
-            let busy_from = last_commit;
             let mut next = Some(first);
             while let Some(job) = next {
                 match job {
@@ -215,7 +214,7 @@ impl Writer {
             }
             self.metrics
                 .writer_busy_seconds
-                .inc_by(busy_from.elapsed().as_secs_f64());
+                .inc_by(last_commit.elapsed().as_secs_f64());
         }
     }
 

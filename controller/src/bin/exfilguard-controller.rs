@@ -238,22 +238,25 @@ struct Serve {
     egress_retention: std::time::Duration,
 }
 
-fn parse_retention(s: &str) -> Result<std::time::Duration, String> {
+/// A duration of at least `min` seconds; `why` says what less would break.
+fn parse_at_least(s: &str, min: u64, why: &str) -> Result<std::time::Duration, String> {
     let d = exfilguard_policy::parse_duration(s)?;
-    if d < std::time::Duration::from_secs(3600) {
-        return Err(format!(
-            "{s}: keep egress aggregates at least 1h (TopTalkers looks back that far by default)"
-        ));
+    if d < std::time::Duration::from_secs(min) {
+        return Err(format!("{s}: {why}"));
     }
     Ok(d)
 }
 
+fn parse_retention(s: &str) -> Result<std::time::Duration, String> {
+    parse_at_least(
+        s,
+        3600,
+        "keep egress aggregates at least 1h (TopTalkers looks back that far by default)",
+    )
+}
+
 fn parse_lease_duration(s: &str) -> Result<std::time::Duration, String> {
-    let d = exfilguard_policy::parse_duration(s)?;
-    if d < std::time::Duration::from_secs(3) {
-        return Err(format!("{s}: a lease under 3s leaves no room to renew"));
-    }
-    Ok(d)
+    parse_at_least(s, 3, "a lease under 3s leaves no room to renew")
 }
 
 /// The Kubernetes client `mode` asks for; `None` when standalone.

@@ -162,8 +162,8 @@ fn open(path: &Path) -> Result<Connection> {
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(Error::store("synchronous"))?;
     // The writer checkpoints only when the WAL reaches 16000 pages (64 MiB):
-    // the checkpoint thread has copied nearly every frame by then, so this
-    // one is short, and it lets the WAL start over from its beginning.
+    // that lets the WAL start over from its beginning, and it copies only the
+    // frames since the checkpoint thread's last pass ([`checkpoint`]).
     conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)
         .map_err(Error::store("wal_autocheckpoint"))?;
     conn.pragma_update(None, "foreign_keys", "ON")
